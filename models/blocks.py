@@ -1,0 +1,92 @@
+"""Building blocks shared by the UNet and the VAE.
+
+Attribute names are the diffusers names (`norm1`, `conv1`, `time_emb_proj`, `conv_shortcut`,
+`downsamplers.0.conv`), so that diffusers checkpoints load with one strict call and kohya LoRA
+names map 1:1. Reference: diffusers/models/resnet.py, downsampling.py, upsampling.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional timestep embedding added in between.
+
+    Ho et al. 2020 (DDPM) appendix B; the layout of ldm/modules/diffusionmodules/openaimodel.py.
+    `temb_channels=None` gives the VAE's block (no `time_emb_proj`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None,
+                 groups: int = 32, eps: float = 1e-5, dropout: float = 0.0,
+                 output_scale_factor: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                      # (B, Cout, H, W)
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb (B, T) -> (B, Cout, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        out = skip + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. The VAE uses padding 0 with an asymmetric (0, 1, 0, 1) pad, as LDM does."""
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest x2 (or to an explicit size, for latents not divisible by 2**n) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling in bf16 is unsupported on some torch builds
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
+            F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              upcast: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on (B, N, heads*d) tensors -> (B, N, heads*d).
+
+    Vaswani et al. 2017, eq. 1, through torch's fused SDPA kernels. `upcast` computes in fp32
+    (SD2.1's `upcast_attention`, which avoids fp16 overflow in the softmax).
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    q = q.view(b, n, heads, d).transpose(1, 2)                    # (B, h, N, d)
+    k = k.view(b, k.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
+    v = v.view(b, v.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
+    out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, N, d)
+    return out.transpose(1, 2).reshape(b, n, inner).to(dtype)     # (B, N, h*d)

@@ -1,0 +1,383 @@
+"""UNet2DConditionModel of Stable Diffusion (SD1.x, SD2.x, SDXL), written out by hand.
+
+The architecture is LDM's (Rombach et al. 2022, arXiv:2112.10752; CompVis openaimodel.py); the
+module names and the `config.json` fields are diffusers' (models/unets/unet_2d_condition.py), so a
+diffusers `unet/` folder loads with one strict `load_state_dict` and LoRA names map 1:1.
+Attention runs through `torch.nn.functional.scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+
+# Config values we implement. Anything else raises, naming the field: a UNet that silently
+# ignores `class_embed_type` would still make images, just wrong ones.
+_SUPPORTED = {
+    "center_input_sample": {False},
+    "only_cross_attention": {False},
+    "dual_cross_attention": {False},
+    "class_embed_type": {None},
+    "addition_embed_type": {None, "text_time"},
+    "resnet_time_scale_shift": {"default"},
+    "time_embedding_type": {"positional"},
+    "act_fn": {"silu"},
+    "conv_in_kernel": {3},
+    "conv_out_kernel": {3},
+    "encoder_hid_dim": {None},
+    "time_cond_proj_dim": {None},
+    "mid_block_type": {"UNetMidBlock2DCrossAttn"},
+    "attention_type": {"default"},
+    "timestep_post_act": {None},
+    "time_embedding_act_fn": {None},
+    "cross_attention_norm": {None},
+    "resnet_skip_time_act": {False},
+    "resnet_out_scale_factor": {1.0},
+}
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+@dataclass
+class UNetConfig:
+    """The fields of diffusers' unet/config.json that change the computation. Defaults: SD1.5."""
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int | tuple = 1
+    attention_head_dim: int | tuple = 8     # diffusers' historical name: the number of *heads*
+    num_attention_heads: int | tuple | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    addition_embed_type: str | None = None  # "text_time" for SDXL
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    extra: dict = field(default_factory=dict)  # the other config.json fields, kept for saving
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "UNetConfig":
+        for key, allowed in _SUPPORTED.items():
+            if key in d and d[key] not in allowed:
+                raise ValueError(f"{source}: UNet option {key}={d[key]!r} is not supported "
+                                 f"(supported: {sorted(map(str, allowed))})")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        cfg = cls(**kw, extra=extra)
+        for t in cfg.down_block_types + cfg.up_block_types:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
+                raise ValueError(f"{source}: unknown UNet block type {t!r}")
+        if not isinstance(cfg.layers_per_block, int):
+            raise ValueError(f"{source}: per-block layers_per_block is not supported")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dict(self.extra)
+        d.update({f.name: _plain(getattr(self, f.name))
+                  for f in fields(self) if f.name != "extra"})
+        d["_class_name"] = "UNet2DConditionModel"
+        return d
+
+    def per_block(self, value) -> list:
+        n = len(self.block_out_channels)
+        return list(value) if isinstance(value, (tuple, list)) else [value] * n
+
+    @property
+    def heads(self) -> list[int]:
+        return self.per_block(self.num_attention_heads or self.attention_head_dim)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float,
+                       max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017 sec. 3.5; DDPM's get_timestep_embedding): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - shift))                           # (half,)
+    args = t[:, None].float() * freqs[None]                       # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)   # (B, 2*half)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """Self- (context=None) or cross-attention; q/k/v without bias, `to_out.0` with bias."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
+                 upcast: bool = False, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context               # (B, M, Dc)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        return self.to_out[1](self.to_out[0](out))                # (B, N, D)
+
+
+class GEGLU(nn.Module):
+    """Shazeer 2020, "GLU variants improve transformer", eq. 6."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention on the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, None, upcast, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout)
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """The spatial transformer: GroupNorm, proj_in (1x1 conv, or Linear in SD2), blocks, proj_out."""
+
+    def __init__(self, channels: int, heads: int, layers: int, context_dim: int, groups: int,
+                 linear_proj: bool, upcast: bool, dropout: float):
+        super().__init__()
+        head_dim = channels // heads
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast, dropout) for _ in range(layers))
+        self.proj_out = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear_proj:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)            # (B, HW, C)
+        if self.linear_proj:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear_proj:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        if not self.linear_proj:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class _Block(nn.Module):
+    """Resnets (each optionally followed by a transformer) then an optional down/upsampler."""
+    gradient_checkpointing = False
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+
+class DownBlock(_Block):
+    def __init__(self, cin, cout, temb, layers, attn: dict | None, add_down: bool, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            for i in range(layers))
+        if attn is not None:
+            self.attentions = nn.ModuleList(Transformer2DModel(cout, **attn) for _ in range(layers))
+        if add_down:
+            self.downsamplers = nn.ModuleList([Downsample2D(cout, cfg.downsample_padding)])
+
+    def forward(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = self._run(resnet, x, temb)
+            if hasattr(self, "attentions"):
+                x = self._run(self.attentions[i], x, context)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(_Block):
+    def __init__(self, cin, cprev, cout, temb, layers, attn: dict | None, add_up: bool, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == layers - 1 else cout), cout, temb,
+                          cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            for i in range(layers))
+        if attn is not None:
+            self.attentions = nn.ModuleList(Transformer2DModel(cout, **attn) for _ in range(layers))
+        if add_up:
+            self.upsamplers = nn.ModuleList([Upsample2D(cout)])
+
+    def forward(self, x, skips, temb, context, up_size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)               # (B, C + Cskip, H, W)
+            x = self._run(resnet, x, temb)
+            if hasattr(self, "attentions"):
+                x = self._run(self.attentions[i], x, context)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, up_size)
+        return x
+
+
+class MidBlock(_Block):
+    def __init__(self, c, temb, attn: dict, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(c, c, temb, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout, cfg.mid_block_scale_factor)
+            for _ in range(2))
+        self.attentions = nn.ModuleList([Transformer2DModel(c, **attn)])
+
+    def forward(self, x, temb, context):
+        x = self._run(self.resnets[0], x, temb)
+        x = self._run(self.attentions[0], x, context)
+        return self._run(self.resnets[1], x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """eps- or v-prediction UNet: (noisy latents (B, 4, h, w), t (B,), text (B, 77, D)) -> (B, 4, h, w)."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or UNetConfig()
+        boc = list(cfg.block_out_channels)
+        temb = boc[0] * 4
+        heads, tlayers = cfg.heads, cfg.per_block(cfg.transformer_layers_per_block)
+        ctx = cfg.per_block(cfg.cross_attention_dim)
+
+        def attn_kw(i):
+            return dict(heads=heads[i], layers=tlayers[i], context_dim=ctx[i], groups=cfg.norm_num_groups,
+                        linear_proj=cfg.use_linear_projection, upcast=cfg.upcast_attention, dropout=cfg.dropout)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, boc[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(boc[0], temb)
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop conditioning
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        self.down_blocks = nn.ModuleList()
+        cout = boc[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            cin, cout = cout, boc[i]
+            self.down_blocks.append(DownBlock(
+                cin, cout, temb, cfg.layers_per_block, attn_kw(i) if kind.startswith("CrossAttn") else None,
+                i < len(boc) - 1, cfg))
+
+        self.mid_block = MidBlock(boc[-1], temb, attn_kw(len(boc) - 1), cfg)
+
+        self.up_blocks = nn.ModuleList()
+        rev = boc[::-1]
+        cout = rev[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            cprev, cout, cin = cout, rev[i], rev[min(i + 1, len(boc) - 1)]
+            j = len(boc) - 1 - i  # the matching down level, for heads and transformer depth
+            self.up_blocks.append(UpBlock(
+                cin, cprev, cout, temb, cfg.layers_per_block + 1,
+                attn_kw(j) if kind.startswith("CrossAttn") else None, i < len(boc) - 1, cfg))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each resnet and transformer in the backward pass: about 1/2 the activation memory."""
+        for m in self.modules():
+            if isinstance(m, _Block):
+                m.gradient_checkpointing = enabled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                encoder_hidden_states: torch.Tensor, added_cond: dict | None = None) -> torch.Tensor:
+        cfg = self.config
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)  # (B,)
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0],
+                                   cfg.flip_sin_to_cos, cfg.freq_shift).to(sample.dtype)
+        emb = self.time_embedding(t_emb)                          # (B, 4*C0)
+        if cfg.addition_embed_type == "text_time":
+            if added_cond is None:
+                raise ValueError("this UNet (SDXL) needs added_cond={'text_embeds', 'time_ids'}")
+            time_ids = timestep_embedding(added_cond["time_ids"].flatten(), cfg.addition_time_embed_dim,
+                                          cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)  # (B, 6*256)
+            add = torch.cat([added_cond["text_embeds"], time_ids.to(emb.dtype)], dim=-1)
+            emb = emb + self.add_embedding(add.to(emb.dtype))
+
+        # Latents not divisible by 2**n_up need each upsampler told its output size.
+        n_up = len(cfg.block_out_channels) - 1
+        odd = any(s % (2 ** n_up) for s in sample.shape[-2:])
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, emb, encoder_hidden_states)
+            skips.extend(s)
+        x = self.mid_block(x, emb, encoder_hidden_states)
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            up_size = tuple(skips[-1].shape[-2:]) if (odd and skips) else None
+            x = block(x, block_skips, emb, encoder_hidden_states, up_size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

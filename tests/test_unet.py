@@ -1,0 +1,111 @@
+"""Our UNet equals diffusers' UNet2DConditionModel on the same random weights (fp32, max |diff| <= 1e-5)."""
+import pytest
+import torch
+
+from conftest import TEXT_DIM, UNET_CONFIGS, diffusers_unet
+from models.checkpoint import load_strict
+from models.unet import UNet2DConditionModel, UNetConfig, timestep_embedding
+
+TOL = 1e-5
+
+
+def ours_from(ref):
+    ours = UNet2DConditionModel(UNetConfig.from_dict(dict(ref.config)))
+    load_strict(ours, ref.state_dict(), "diffusers UNet")
+    return ours.eval()
+
+
+def inputs(kind, size=8, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    ctx = torch.randn(batch, 77, TEXT_DIM, generator=g)
+    t = torch.tensor([10, 980])[:batch]
+    added = None
+    if kind == "sdxl":
+        added = {"text_embeds": torch.randn(batch, TEXT_DIM, generator=g),
+                 "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+    return x, t, ctx, added
+
+
+def run_ref(ref, x, t, ctx, added):
+    kw = {"added_cond_kwargs": added} if added else {}
+    return ref(x, t, encoder_hidden_states=ctx, **kw).sample
+
+
+@pytest.mark.parametrize("kind", list(UNET_CONFIGS))
+def test_unet_matches_diffusers(kind):
+    ref = diffusers_unet(kind)
+    ours = ours_from(ref)
+    x, t, ctx, added = inputs(kind)
+    with torch.no_grad():
+        want = run_ref(ref, x, t, ctx, added)
+        got = ours(x, t, ctx, added)
+    assert want.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    assert (got - want).abs().max() <= TOL
+
+
+def test_unet_odd_latent_size_matches_diffusers():
+    """Latents not divisible by 2**levels: each upsampler is told its output size."""
+    ref = diffusers_unet("sd2")
+    ours = ours_from(ref)
+    x, t, ctx, added = inputs("sd2", size=9)
+    with torch.no_grad():
+        assert (ours(x, t, ctx) - run_ref(ref, x, t, ctx, None)).abs().max() <= TOL
+
+
+def test_unet_scalar_timestep_broadcasts():
+    ref = diffusers_unet("sd15")
+    ours = ours_from(ref)
+    x, _, ctx, _ = inputs("sd15")
+    with torch.no_grad():
+        assert torch.allclose(ours(x, 500, ctx), ours(x, torch.tensor([500, 500]), ctx))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_gradient_checkpointing_same_output_and_grads(kind):
+    ref = diffusers_unet(kind)
+    ours, ckpt = ours_from(ref), ours_from(ref)
+    ckpt.set_gradient_checkpointing(True)
+    ours.train(), ckpt.train()
+    ref.train(), ref.enable_gradient_checkpointing()
+    x, t, ctx, added = inputs(kind)
+    outs, grads = [], []
+    for m in (ours, ckpt):
+        m.zero_grad()
+        y = m(x, t, ctx, added)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([p.grad.flatten() for _, p in sorted(m.named_parameters())]))
+    ref_y = run_ref(ref, x, t, ctx, added)
+    ref_y.square().mean().backward()
+    ref_g = torch.cat([p.grad.flatten() for _, p in sorted(ref.named_parameters())])
+    assert (outs[1] - outs[0]).abs().max() <= TOL
+    assert (outs[1] - ref_y.detach()).abs().max() <= TOL
+    assert (grads[1] - grads[0]).abs().max() <= 1e-5
+    assert (grads[1] - ref_g).abs().max() <= 1e-5
+    assert grads[0].abs().max() > 0
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0, 1, 250.5, 999])
+    for flip, shift, dim in [(True, 0, 320), (False, 1, 33)]:
+        want = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        assert torch.allclose(timestep_embedding(t, dim, flip, shift), want, atol=1e-6)
+
+
+def test_unsupported_config_option_is_named():
+    with pytest.raises(ValueError, match="class_embed_type"):
+        UNetConfig.from_dict({"class_embed_type": "timestep"}, "x/unet/config.json")
+    with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
+        UNetConfig.from_dict({"down_block_types": ["SimpleCrossAttnDownBlock2D"]})
+
+
+def test_module_names_are_diffusers_names():
+    ours = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"]))
+    names = dict(ours.named_modules())
+    for n in ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+              "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0",
+              "down_blocks.0.attentions.0.proj_in", "up_blocks.1.resnets.0.conv_shortcut",
+              "down_blocks.0.downsamplers.0.conv", "mid_block.attentions.0.proj_out"]:
+        assert n in names, n
