@@ -1,0 +1,133 @@
+"""LoRA layers for nn.Linear and nn.Conv2d (Hu et al. 2021, arXiv:2106.09685, eq. 3).
+
+    y = base(x) + sum_a  multiplier_a * scale_a * up_a(down_a(dropout_a(x)))
+    scale = alpha / r              (Hu et al.; kohya's `alpha`)
+          = alpha / sqrt(r)        (rank-stabilised, Kalajdzievski 2023, arXiv:2312.03732)
+
+`down` (A) is (r, in) for Linear and a conv with the base kernel, stride, padding and dilation for
+Conv2d (r, in, kh, kw); `up` (B) is (out, r) or a 1x1 conv (out, r, 1, 1): exactly kohya's
+`lora_down`/`lora_up` shapes. A is kaiming-uniform and B zero at the start (peft's default), so an
+injected model computes the base model's function until B learns. Several named adapters live in
+one layer, each with its own multiplier (the weight a user gives a LoRA file at inference).
+Merging is explicit (`merge`, `unmerge`), never hidden in train()/eval(), and refuses non-finite
+deltas. LoRA parameters stay in their own dtype (fp32) when the base is fp16/bf16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter: down (A), up (B), its scale, dropouts and multiplier."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, init: str = "kaiming",
+                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        device = base.weight.device
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+            self.up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError("LoRA on grouped convolutions is not supported")
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False, device=device, dtype=dtype)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device, dtype=dtype)
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.rslora = rslora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
+        self.multiplier = 1.0
+        self.enabled = True
+        self.reset_parameters(init)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if init == "kaiming":   # peft's default; nn.Linear's own init
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.down.weight, std=1.0 / self.rank)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+        nn.init.zeros_(self.up.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * multiplier * B @ A, in the base weight's layout: (out, in) or (out, in, kh, kw)."""
+        up, down = self.up.weight.float(), self.down.weight.float()
+        if down.ndim == 2:
+            delta = up @ down                                           # (out, r) @ (r, in)
+        else:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
+        return delta * (self.scale * self.multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.dropout(x.to(self.down.weight.dtype)))       # (..., r) or (B, r, H', W')
+        scale = self.scale * self.multiplier
+        if self.training and self.rank_dropout > 0:  # kohya's rank dropout: drop rank channels per sample
+            b, r = h.shape[0], self.rank
+            shape = (b, r, 1, 1) if isinstance(self.down, nn.Conv2d) else (b,) + (1,) * (h.ndim - 2) + (r,)
+            mask = (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.up(h) * scale
+
+
+class LoRALayer(nn.Module):
+    """Wraps a frozen nn.Linear or nn.Conv2d (`base_layer`) with named adapters (`lora[name]`)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        self.base_layer = base
+        self.lora = nn.ModuleDict()
+        self.merged: dict[str, torch.Tensor] = {}  # adapter -> the delta that was added to the base
+
+    def add_adapter(self, name: str, **kw) -> LoRAAdapter:
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.lora[name] = LoRAAdapter(self.base_layer, **kw)
+        return self.lora[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for name, a in self.lora.items():
+            if not a.enabled or name in self.merged:
+                continue
+            if self.training and a.module_dropout > 0 and torch.rand(()) < a.module_dropout:
+                continue  # kohya's module dropout: skip this LoRA for the whole step
+            y = y + a(x).to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters' deltas into the base weight; their forward path is then skipped."""
+        w = self.base_layer.weight
+        for name in names or list(self.lora):
+            if name in self.merged or not self.lora[name].enabled:
+                continue
+            delta = self.lora[name].delta_weight()
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"refusing to merge adapter {name!r}: its delta has NaN or inf values")
+            w += delta.to(w.dtype)
+            self.merged[name] = delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        w = self.base_layer.weight
+        for name, delta in list(self.merged.items()):
+            w -= delta.to(w.dtype)
+            del self.merged[name]
