@@ -91,6 +91,8 @@ def _lookup(parts: dict[str, nn.Module], fmt: str) -> dict[str, tuple[str, str]]
                 table[f"{p}_{pub.replace('.', '_')}"] = (part, name)
         else:
             table[f"{part}.{pub}"] = (part, name)
+            # diffusers on transformers >= 5.6 writes the flattened text-encoder names (no `text_model.`)
+            table.setdefault(f"{part}.{pub.removeprefix('text_model.')}", (part, name))
     if fmt == "kohya" and "unet" in parts:
         for ours, ldm in _ldm_module_names(parts["unet"]).items():
             table.setdefault(f"lora_unet_{ldm.replace('.', '_')}", ("unet", ours))
