@@ -157,8 +157,9 @@ class DiagonalGaussian:
     logvar: torch.Tensor
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise
+        device = generator.device if generator is not None else self.mean.device  # a CPU generator: draw on the CPU
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -177,6 +178,11 @@ class AutoencoderKL(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
+
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2**(levels - 1), 8 for SD."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""

@@ -1,0 +1,82 @@
+"""Text-to-image (and img2img) with a loaded StableDiffusion: prompts -> images in [0, 1].
+
+Used by sample.py, by training previews and by the evaluation. Follows diffusers'
+StableDiffusionPipeline step for step, so that the same weights, prompt, negative prompt, seed,
+steps and guidance give the same image: latents = randn((n, 4, H/8, W/8)) from a CPU generator
+seeded with `seed`, the same generator then feeds the sampler's per-step noise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from models.load import StableDiffusion
+from models.samplers import get_sampler, guided
+from models.schedule import NoiseSchedule
+from models.text import encode_text, tokenize
+
+
+@torch.no_grad()
+def encode_prompts(sd: StableDiffusion, prompts: list[str], clip_skip: int = 1,
+                   long_prompt: str = "truncate") -> torch.Tensor:
+    """Prompts -> text embeddings (B, 77*k, D) in the UNet's dtype."""
+    ids = tokenize(sd.tokenizer, prompts, long_prompt)
+    return encode_text(sd.text_encoder, ids, clip_skip).to(sd.unet.dtype)
+
+
+def _pad_to(a: torch.Tensor, n: int) -> torch.Tensor:
+    """Chunked prompts of different lengths: pad the shorter embedding with its own last window."""
+    while a.shape[1] < n:
+        a = torch.cat([a, a[:, -77:]], dim=1)
+    return a
+
+
+def sampler_defaults(sd: StableDiffusion, sampler: str) -> dict:
+    """Spacing options from the model's scheduler config, the way diffusers builds a scheduler from it."""
+    cfg = sd.scheduler_config
+    opts = {"steps_offset": cfg.get("steps_offset", 1)}
+    if "timestep_spacing" in cfg:  # else each sampler's own default (leading for DDIM/DDPM, linspace otherwise)
+        opts["spacing"] = cfg["timestep_spacing"]
+    if sampler == "ddim":
+        opts["set_alpha_to_one"] = cfg.get("set_alpha_to_one", False)
+    return opts
+
+
+@torch.no_grad()
+def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int = 50,
+             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
+             sampler_options: dict | None = None, seed: int = 0, num_images: int = 1, height: int = 512,
+             width: int = 512, clip_skip: int = 1, long_prompt: str = "truncate",
+             init_image: torch.Tensor | None = None, strength: float = 1.0,
+             callback: Callable | None = None, decode_slice: int | None = None) -> torch.Tensor:
+    """One prompt, `num_images` images (N, 3, H, W) in [0, 1], float32 on the CPU.
+
+    init_image: (1 or N, 3, H, W) in [-1, 1] for img2img with `strength`.
+    """
+    f = sd.vae.scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height and width must be divisible by {f} (the VAE's factor), got {height}x{width}")
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    fn = get_sampler(sampler)
+    schedule = NoiseSchedule.from_config(sd.scheduler_config)
+    device, dtype = sd.unet.conv_in.weight.device, sd.unet.dtype
+    cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
+    uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
+    n_tok = max(cond.shape[1], uncond.shape[1])
+    cond = _pad_to(cond, n_tok).repeat(num_images, 1, 1)
+    uncond = _pad_to(uncond, n_tok).repeat(num_images, 1, 1)
+    model = guided(sd.unet, cond, uncond, guidance_scale, guidance_rescale)
+
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
+    x0 = None
+    if init_image is not None:
+        x0 = sd.vae.encode_latents(init_image.to(device, sd.vae.dtype).expand(num_images, -1, -1, -1),
+                                   generator=g).float()
+    noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+    opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
+    latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
+    images = sd.vae.decode_latents(latents.to(sd.vae.dtype), slice_size=decode_slice)
+    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
