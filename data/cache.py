@@ -1,0 +1,112 @@
+"""Caches that take the frozen VAE and text encoder out of the training step.
+
+Latents: the VAE posterior's mean and std for each (image, size, flip), computed once, kept in
+memory or written as safetensors under `cache_dir`. A key is the image file's content hash, the
+VAE's identity (a hash of its config and weights), the bucket size, the crop and the flip; any
+change gives a new key, so a stale latent is never used. Each training step samples
+mean + std * noise afresh, as the uncached step would. Random crops cannot be cached (refused).
+
+Text: the encoder output for each distinct caption string, computed on first use, valid while the
+text encoder is frozen (no text-encoder LoRA).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.checkpoint import write_safetensors
+
+
+def module_fingerprint(module: torch.nn.Module, config: dict | None = None) -> str:
+    """A short hash of a module's weights (and config): two VAEs share it only if they compute the same."""
+    h = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:20]
+
+
+class LatentCache:
+    def __init__(self, vae, cache_dir: str | Path | None = None, device=None, batch_size: int = 8):
+        self.vae, self.device, self.batch_size = vae, device or vae.encoder.conv_in.weight.device, batch_size
+        self.vae_id = module_fingerprint(vae, vae.config.to_dict())
+        self.dir = Path(cache_dir) if cache_dir else None
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._file_hashes: dict[int, str] = {}
+        self.computed = 0
+
+    def key(self, ds, index: int, flip: bool) -> str:
+        if index not in self._file_hashes:
+            self._file_hashes[index] = file_hash(ds.items[index].path)
+        w, h = ds.bucket_of[index]
+        return f"{self._file_hashes[index]}_{self.vae_id}_{w}x{h}_{ds.crop}_{int(flip)}"
+
+    def _load(self, key: str):
+        if key in self.memory:
+            return self.memory[key]
+        if self.dir is not None and (self.dir / f"{key}.safetensors").is_file():
+            t = load_file(str(self.dir / f"{key}.safetensors"))
+            self.memory[key] = (t["mean"], t["std"])
+            return self.memory[key]
+        return None
+
+    @torch.no_grad()
+    def fill(self, ds, progress=None) -> int:
+        """Encode every (image, flip) the data set can produce that is not cached yet. Returns how many."""
+        if ds.crop == "random":
+            raise ValueError("latent caching needs data.crop=center (a random crop differs every epoch)")
+        flips = [False, True] if ds.flip_p > 0 else [False]
+        todo = [(i, f) for i in range(len(ds)) for f in flips if self._load(self.key(ds, i, f)) is None]
+        for k in range(0, len(todo), self.batch_size):
+            chunk = todo[k:k + self.batch_size]
+            by_size: dict[tuple, list] = {}
+            for i, f in chunk:
+                by_size.setdefault(ds.bucket_of[i], []).append((i, f))
+            for group in by_size.values():
+                x = torch.stack([ds.pixels(i, f) for i, f in group]).to(self.device, self.vae.dtype)
+                dist = self.vae.encode(x)
+                std = torch.exp(0.5 * dist.logvar)
+                for j, (i, f) in enumerate(group):
+                    key = self.key(ds, i, f)
+                    entry = (dist.mean[j].float().cpu(), std[j].float().cpu())
+                    self.memory[key] = entry
+                    if self.dir is not None:
+                        write_safetensors({"mean": entry[0], "std": entry[1]}, self.dir / f"{key}.safetensors")
+            self.computed += len(chunk)
+            if progress:
+                progress(len(chunk))
+        return len(todo)
+
+    def get(self, ds, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._load(self.key(ds, index, flip))
+        if entry is None:
+            raise KeyError(f"no cached latent for {ds.items[index].path} (flip={flip}): call fill() first")
+        return entry
+
+
+def attach_latent_cache(ds, cache: LatentCache) -> None:
+    cache.fill(ds)
+    ds.latent_cache = cache
+
+
+class TextCache:
+    """caption -> encoder output (77*k, D) on the CPU, computed on first use."""
+
+    def __init__(self, encode):
+        self.encode, self.memory = encode, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.memory]
+        if missing:
+            out = self.encode(missing)
+            for c, e in zip(missing, out):
+                self.memory[c] = e
+        return torch.stack([self.memory[c] for c in captions])
