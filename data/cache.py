@@ -98,15 +98,18 @@ def attach_latent_cache(ds, cache: LatentCache) -> None:
 
 
 class TextCache:
-    """caption -> encoder output (77*k, D) on the CPU, computed on first use."""
+    """caption -> encoder output (77*k, D) on the CPU, computed on first use.
+
+    Each caption is encoded alone: a batched encode differs in the last bits with the batch's
+    make-up, which would make a resumed run (whose batches fill the cache in another order)
+    drift from an uninterrupted one.
+    """
 
     def __init__(self, encode):
         self.encode, self.memory = encode, {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in self.memory]
-        if missing:
-            out = self.encode(missing)
-            for c, e in zip(missing, out):
-                self.memory[c] = e
+        for c in dict.fromkeys(captions):
+            if c not in self.memory:
+                self.memory[c] = self.encode([c])[0]
         return torch.stack([self.memory[c] for c in captions])

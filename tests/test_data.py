@@ -219,4 +219,4 @@ def test_text_cache_encodes_each_caption_once():
     out = tc(["ab", "abc", "ab"])
     assert out.shape == (3, 2, 3) and out[1, 0, 0] == 3
     tc(["abc", "abcd"])
-    assert seen == ["ab", "abc", "abcd"]
+    assert seen == ["ab", "abc", "abcd"]  # each caption encoded once

@@ -14,7 +14,7 @@ ORACLES = ("diffusers", "peft", "accelerate")
 
 
 def _our_sources():
-    for d in ("models", "lora", "data", "experiments"):
+    for d in ("models", "lora", "data", "experiments", "training"):
         yield from (p for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts)
     yield from (p for p in ROOT.glob("*.py"))
 

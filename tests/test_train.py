@@ -1,0 +1,196 @@
+"""The training loop on a tiny model: outputs, learning, only-LoRA updates, exact resume, NaN handling, kills."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors.torch import load_file
+
+import training.config  # noqa: F401
+from training.config import CONF_DIR, ROOT
+from training.loop import NaNLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """8 images 16x16: a red square at a fixed place for the subject; captions in v1/v4."""
+    root = tmp_path_factory.mktemp("data") / "subject"
+    for v in ("v1", "v4"):
+        (root / "captions" / v).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        a = (rng.random((16, 16, 3)) * 60 + 40).astype(np.uint8)
+        a[4:12, 4:12] = (220, 30, 30)
+        Image.fromarray(a).save(root / f"{i:02d}.png")
+        (root / "captions" / "v1" / f"{i:02d}.txt").write_text("J3NN13")
+        (root / "captions" / "v4" / f"{i:02d}.txt").write_text(f"J3NN13, close-up, tag{i % 3}")
+    return root
+
+
+def make_cfg(folder, data, run_dir, *extra):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=[
+            f"model.path={folder}", f"data.path={data}", "data.resolution=16", f"run_dir={run_dir}", "device=cpu",
+            "lora.rank=4", "lora.alpha=4", "train.batch_size=2", "train.max_steps=6", "train.save_every_steps=3",
+            "optim.lr=1e-3", *extra])
+
+
+def lora_file(run):
+    return load_file(str(Path(run) / "lora.safetensors"))
+
+
+def test_short_run_writes_everything_and_only_lora_changes(tiny_diffusers_folder, tiny_data, tmp_path):
+    from models.load import load_model
+    cfg = make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.ema_decay=0.9",
+                   "preview.every_steps=3", "preview.size=16", "preview.steps=2")
+    tr = Trainer(cfg)
+    base = {k: v.clone() for k, v in load_model(tiny_diffusers_folder).unet.state_dict().items()}
+    result = tr.run()
+    run = tmp_path / "run"
+    assert result["status"] == "finished" and result["step"] == 6
+    for f in ["lora.safetensors", "lora_ema.safetensors", "state/last.pt", "config.yaml", "train_result.json",
+              "checkpoints/step_000003.safetensors", "previews/step_000003.png", "previews/step_000006.png"]:
+        assert (run / f).exists(), f
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    sd = lora_file(run)
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_up.weight") for k in sd)
+    assert all(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))  # B learned
+    # Base weights are untouched: every non-LoRA parameter equals the checkpoint's.
+    now = {k.replace(".base_layer", ""): v for k, v in tr.sd.unet.state_dict().items() if ".lora." not in k}
+    assert set(now) == set(base) and all(torch.equal(now[k], base[k]) for k in base)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    for tag in ["train/loss", "train/loss_smooth", "train/lr", "train/grad_norm", "perf/s_per_step", "perf/images_per_s"]:
+        assert len(ea.Scalars(tag)) == 6, tag
+
+
+def _fixed_loss(tr, n=8):
+    """Mean loss over the training set at fixed noise and timesteps (no dropout)."""
+    g = torch.Generator().manual_seed(123)
+    tr.sd.unet.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(tr.ds), 4):
+            from data.dataset import collate
+            b = collate([tr.ds[j] for j in range(i, min(i + 4, len(tr.ds)))])
+            z0 = b["latent_mean"] * tr.sd.vae.config.scaling_factor
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.randint(100, 900, (z0.shape[0],), generator=g)
+            ctx = tr.text_cache(b["caption"])
+            pred = tr.sd.unet(tr.schedule.add_noise(z0, noise, t), t, ctx)
+            total += torch.nn.functional.mse_loss(pred, noise, reduction="sum").item()
+    return total
+
+
+def test_loss_falls_when_overfitting(tiny_diffusers_folder, tiny_data, tmp_path):
+    cfg = make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.max_steps=40", "lora.dropout=0.0",
+                   "optim.lr=3e-3", "lora.rank=8", "train.save_every_steps=0")
+    tr = Trainer(cfg)
+    before = _fixed_loss(tr)
+    tr.run()
+    after = _fixed_loss(tr)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_continues_exactly(tiny_diffusers_folder, tiny_data, tmp_path):
+    common = ["lora.dropout=0.1", "data.shuffle_tags=true", "train.max_steps=6", "train.grad_accum=2"]
+    full = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "full", *common)).run()
+    assert full["status"] == "finished"
+    part = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common,
+                            "train.stop_after_steps=4")).run()
+    assert part["status"] == "stopped" and part["step"] == 4
+    assert (tmp_path / "part" / "checkpoints" / "step_000004.safetensors").exists()
+    resumed = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common,
+                               f"resume={tmp_path / 'part'}")).run()
+    assert resumed["status"] == "finished" and resumed["step"] == 6
+    a, b = lora_file(tmp_path / "full"), lora_file(tmp_path / "part")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # and it is not trivially equal: a different seed ends elsewhere
+    other = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "other", *common, "seed=7")).run()
+    c = lora_file(tmp_path / "other")
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))
+    with pytest.raises(ValueError, match="LoRA modules differ"):
+        Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common, "lora.rank=2",
+                         f"resume={tmp_path / 'part'}")).run()
+
+
+def test_nan_steps_are_skipped_then_stop(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.max_nan_steps=3"))
+    real = tr.micro_loss
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        loss = real(batch)
+        return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
+    monkeypatch.setattr(tr, "micro_loss", flaky)
+    tr.optimizer_step()
+    before = [p.detach().clone() for p in tr.params]
+    out = tr.optimizer_step()
+    assert out["skipped"] and tr.nan_streak == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, tr.params))  # nothing was applied
+    tr.optimizer_step()
+    assert tr.nan_streak == 0
+    tr.optimizer_step(), tr.optimizer_step()
+    with pytest.raises(NaNLossError, match="3 steps in a row had a NaN"):
+        tr.optimizer_step()
+
+
+def test_bf16_text_encoder_lora_and_prior_preservation(tiny_diffusers_folder, tiny_data, tmp_path):
+    cfg = make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.precision=bf16", "train.max_steps=2",
+                   "+lora.text_encoder={targets: text, rank: 4, alpha: 4, lr: 1e-4}",
+                   f"data.class_dir={tiny_data}", "data.class_prompt='a person'", "data.prior_loss_weight=0.5",
+                   "train.min_snr_gamma=5.0", "train.noise_offset=0.05")
+    tr = Trainer(cfg)
+    assert tr.sd.unet.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in tr.params)
+    assert tr.text_cache is None  # the text encoder trains: no text cache
+    batch = tr._next_batch()
+    assert len(batch["caption"]) == 4 and batch["caption"][2:] == ["a person", "a person"]
+    res = tr.run()
+    assert res["status"] == "finished"
+    keys = lora_file(tmp_path / "run")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+
+
+def test_killed_subprocess_resumes_and_finishes(tiny_diffusers_folder, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "train.py", f"model.path={tiny_diffusers_folder}", f"data.path={tiny_data}",
+            "data.resolution=16", f"run_dir={run}", "device=cpu", "lora.rank=4", "train.batch_size=2",
+            "train.max_steps=400", "train.save_every_steps=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "state" / "last.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)  # no chance to clean up
+    p.wait()
+    assert (run / "state" / "last.pt").exists(), p.stderr.read().decode()[-2000:]
+    step = torch.load(run / "state" / "last.pt", weights_only=True)["step"]
+    assert 2 <= step < 400
+    out = subprocess.run(args[:-3] + ["train.max_steps=" + str(step + 4), f"resume={run}",
+                                      f"hydra.run.dir={tmp_path / 'hydra2'}"] + args[-2:-1],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["status"] == "finished" and result["step"] == step + 4
+    # SIGTERM: saves and exits cleanly with the state.
+    p = subprocess.Popen(args[:-4] + ["train.max_steps=400", "train.save_every_steps=0",
+                                      f"run_dir={tmp_path / 'term'}", f"hydra.run.dir={tmp_path / 'hydra3'}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not list((tmp_path / "term" / "tb").glob("events*")) if (tmp_path / "term" / "tb").exists() else True:
+        time.sleep(0.2)
+        if p.poll() is not None:
+            break
+    time.sleep(2)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+    term = json.loads((tmp_path / "term" / "train_result.json").read_text())
+    assert term["status"] == "interrupted" and (tmp_path / "term" / "state" / "last.pt").exists()

@@ -1,0 +1,429 @@
+"""The LoRA training loop, written out: build -> steps -> checkpoints -> samples.
+
+One optimizer step (Ho et al. 2020, algorithm 1, on VAE latents as in Rombach et al. 2022):
+    z0 = VAE(x) * scaling_factor              (or the cached posterior, sampled afresh)
+    t ~ U{0..T-1}, eps ~ N(0, I) (+ noise offset)
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    loss = w(t) * || unet(z_t, t, text) - target ||^2    target = eps or v; w = min-SNR-gamma or 1
+accumulated over `grad_accum` micro-batches, scaled (fp16), unscaled, clipped, then AdamW.
+A non-finite loss or gradient skips the step (logged); `max_nan_steps` in a row stop the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from data.cache import LatentCache, TextCache, attach_latent_cache
+from data.dataset import ImageCaptionDataset, collate
+from data.folder import scan_folder
+from lora.inject import inject_lora, lora_parameters
+from lora.io import save_lora
+from models.load import load_model
+from models.schedule import NoiseSchedule, offset_noise
+from models.text import encode_text, tokenize
+from training.optim import EMA, build_optimizer, lr_factor
+from training.precision import LossScaler, autocast, precision_dtype
+from training.state import load_state, rng_state, save_state, set_rng_state
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+def plain(x):
+    """An OmegaConf node -> plain Python; anything else unchanged (a target preset is a string)."""
+    return OmegaConf.to_object(x) if OmegaConf.is_config(x) else x
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+class Trainer:
+    """Holds what a run needs between steps; `run()` does the work."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, tc = cfg, cfg.train
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, VAE samples: CPU, saveable
+        self.precision = tc.precision
+        # The frozen base is stored in the training precision (fp16 on a CPU would be slow: kept fp32 there).
+        base_dtype = precision_dtype(tc.precision)
+        if self.device.type == "cpu" and base_dtype == torch.float16:
+            base_dtype = torch.float32
+
+        m = cfg.model
+        self.sd = load_model(m.path, dtype=base_dtype, device=self.device, vae=m.get("vae"),
+                             config=m.get("config"))
+        for mod in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
+            mod.requires_grad_(False).eval()
+        L = cfg.lora
+        lkw = dict(dropout=L.dropout, rank_dropout=L.get("rank_dropout", 0.0),
+                   module_dropout=L.get("module_dropout", 0.0), init=L.get("init", "kaiming"),
+                   rslora=L.get("rslora", False), dtype=torch.float32)
+        self.report = inject_lora(self.sd.unet, plain(L.targets), rank=L.rank, alpha=L.alpha,
+                                  overrides=plain(L.overrides) if L.get("overrides") else None, **lkw)
+        self.train_te = bool(L.get("text_encoder"))
+        if self.train_te:
+            T = L.text_encoder
+            self.te_report = inject_lora(self.sd.text_encoder, plain(T.targets), rank=T.rank,
+                                         alpha=T.alpha, **lkw)
+        if tc.grad_checkpointing:
+            self.sd.unet.set_gradient_checkpointing(True)
+
+        sched_cfg = dict(self.sd.scheduler_config)
+        if tc.get("prediction_type"):
+            sched_cfg["prediction_type"] = tc.prediction_type
+        if tc.get("zero_terminal_snr"):
+            sched_cfg["rescale_betas_zero_snr"] = True
+        self.schedule = NoiseSchedule.from_config(sched_cfg)
+
+        self._build_data()
+        groups = [{"params": list(lora_parameters(self.sd.unet)), "lr": cfg.optim.lr}]
+        if self.train_te:
+            groups.append({"params": list(lora_parameters(self.sd.text_encoder)),
+                           "lr": L.text_encoder.get("lr") or cfg.optim.lr})
+        self.params = [p for g in groups for p in g["params"]]
+        self.base_lrs = [g["lr"] for g in groups]
+        self.opt = build_optimizer(groups, cfg.optim)
+        self.scaler = LossScaler(tc.precision == "fp16")
+        self.ema = EMA(self.params, tc.ema_decay) if tc.get("ema_decay") else None
+        self.step = self.epoch = self.batch_in_epoch = self.nan_streak = 0
+        self.smooth = None
+        self.stop_requested = False
+        self.writer = None
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self):
+        d, tc = self.cfg.data, self.cfg.train
+        items, self.scan_report = scan_folder(d.path, d.get("caption_version"), d.get("caption_ext", ".txt"),
+                                              d.get("missing_caption", "error"), d.get("trigger"),
+                                              d.get("verify", "header"), d.get("skip_bad", False))
+        kw = dict(resolution=d.resolution, bucketing=d.get("bucketing", False), crop=d.get("crop", "center"),
+                  flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed)
+        self.ds = ImageCaptionDataset(items, trigger=d.get("trigger"), shuffle_tags=d.get("shuffle_tags", False),
+                                      keep_tokens=d.get("keep_tokens", 1),
+                                      caption_dropout=d.get("caption_dropout", 0.0), **kw)
+        self.prior = None
+        if d.get("class_dir"):  # DreamBooth prior preservation (Ruiz et al. 2023, arXiv:2208.12242, eq. 2)
+            citems, _ = scan_folder(d.class_dir, missing_caption="trigger", trigger=d.class_prompt)
+            self.prior = ImageCaptionDataset(citems, fixed_caption=d.class_prompt, **kw)
+        if tc.cache_latents:
+            cache = LatentCache(self.sd.vae, d.get("cache_dir"), self.device)
+            attach_latent_cache(self.ds, cache)
+            if self.prior is not None:
+                attach_latent_cache(self.prior, cache)
+        self.text_cache = None
+        if tc.cache_text and not self.train_te:
+            self.text_cache = TextCache(lambda caps: self._encode_text(caps).cpu())
+        self.plan = self.ds.batch_plan(tc.batch_size, drop_last=False)
+        self.batches_per_epoch = len(self.plan)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // tc.grad_accum)
+        self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = tokenize(self.sd.tokenizer, captions, self.cfg.train.get("long_prompt", "truncate"))
+        return encode_text(self.sd.text_encoder, ids, self.cfg.train.get("clip_skip", 1))
+
+    def _next_batch(self) -> dict:
+        """The next micro-batch in the (seed, epoch) order; wraps to the next epoch."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.ds.set_epoch(self.epoch)
+        idx = self.plan.batches(self.epoch)[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        batch = collate([self.ds[i] for i in idx])
+        if self.prior is not None:
+            self.prior.set_epoch(self.epoch * 100_003 + self.batch_in_epoch)
+            g = torch.Generator().manual_seed(self.cfg.seed + self.step * 7919 + self.batch_in_epoch)
+            pidx = torch.randint(0, len(self.prior), (len(idx),), generator=g).tolist()
+            pb = collate([self.prior[i] for i in pidx])
+            batch = {k: (v + pb[k] if isinstance(v, list) else torch.cat([v, pb[k]])) for k, v in batch.items()}
+            batch["n_instance"] = len(idx)
+        return batch
+
+    # ------------------------------------------------------------------ one step
+    def _latents(self, batch) -> torch.Tensor:
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            z = mean + std * torch.randn(mean.shape, generator=self.gen)
+            return (z * self.sd.vae.config.scaling_factor).to(self.device)
+        with torch.no_grad(), autocast(self.device, self.precision):
+            x = batch["pixels"].to(self.device, self.sd.vae.dtype)
+            return self.sd.vae.encode_latents(x, generator=self.gen).float()
+
+    def micro_loss(self, batch) -> torch.Tensor:
+        tc = self.cfg.train
+        z0 = self._latents(batch)                                          # (B, 4, h, w) fp32
+        b = z0.shape[0]
+        noise = offset_noise(torch.randn(z0.shape, generator=self.gen), tc.noise_offset, self.gen).to(self.device)
+        t = self.schedule.sample_timesteps(b, self.gen, self.device)
+        zt = self.schedule.add_noise(z0, noise, t)
+        target = self.schedule.target(z0, noise, t)
+        if self.text_cache is not None:
+            ctx = self.text_cache(batch["caption"]).to(self.device)
+        else:
+            with torch.set_grad_enabled(self.train_te), autocast(self.device, self.precision):
+                ctx = self._encode_text(batch["caption"])
+        with autocast(self.device, self.precision):
+            pred = self.sd.unet(zt.to(self.sd.unet.dtype), t, ctx.to(self.sd.unet.dtype))
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if tc.get("min_snr_gamma"):
+            per = per * self.schedule.min_snr_weights(t, tc.min_snr_gamma).to(per.device)
+        if "n_instance" in batch:
+            n = batch["n_instance"]
+            return per[:n].mean() + self.cfg.data.prior_loss_weight * per[n:].mean()
+        return per.mean()
+
+    def optimizer_step(self) -> dict:
+        tc = self.cfg.train
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * lr_factor(self.step, self.total_steps, self.cfg.optim.schedule,
+                                       self.cfg.optim.warmup_steps, self.cfg.optim.get("min_lr_ratio", 0.0))
+        self.opt.zero_grad(set_to_none=True)
+        self.sd.unet.train()
+        if self.train_te:
+            self.sd.text_encoder.train()
+        losses = []
+        for _ in range(tc.grad_accum):
+            loss = self.micro_loss(self._next_batch())
+            losses.append(loss.detach())
+            if torch.isfinite(loss):
+                self.scaler.scale_loss(loss / tc.grad_accum).backward()
+        loss = torch.stack(losses).mean().item()
+        finite = math.isfinite(loss) and self.scaler.unscale_(self.params)
+        gnorm = float("nan")
+        if finite:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf")))
+            finite = math.isfinite(gnorm)
+        self.scaler.update(finite)
+        if finite:
+            self.opt.step()
+            if self.ema:
+                self.ema.update()
+            self.nan_streak = 0
+        else:
+            self.nan_streak += 1
+            if self.nan_streak >= tc.max_nan_steps:
+                raise NaNLossError(
+                    f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient (last at step {self.step}); "
+                    f"stopping. Lower the learning rate, use bf16 instead of fp16, or check the data. "
+                    f"The last good state is in {self.run_dir / 'state'}.")
+        self.step += 1
+        return {"loss": loss, "grad_norm": gnorm, "skipped": not finite, "lr": self.opt.param_groups[0]["lr"]}
+
+    # ------------------------------------------------------------------ state
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, mod in (("unet", self.sd.unet), ("text_encoder", self.sd.text_encoder)):
+            for n, p in mod.named_parameters():
+                if p.requires_grad:
+                    out[f"{part}.{n}"] = p.detach().cpu().clone()
+        return out
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "nan_streak": self.nan_streak, "smooth": self.smooth if self.smooth is not None else float("nan"),
+                "lora": self.lora_tensors(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else {}, "rng": rng_state(self.gen),
+                "config": OmegaConf.to_yaml(self.cfg)}
+
+    def load(self, st: dict) -> None:
+        mods = {"unet": self.sd.unet, "text_encoder": self.sd.text_encoder}
+        named = {f"{part}.{n}": p for part, mod in mods.items() for n, p in mod.named_parameters() if p.requires_grad}
+        if set(named) != set(st["lora"]) or any(p.shape != st["lora"][k].shape for k, p in named.items()):
+            raise ValueError("the saved state's LoRA modules differ from this config's (targets, rank or text "
+                             "encoder changed?): resume with the run's own config")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(st["lora"][k])
+        self.opt.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        if self.ema and st["ema"]:
+            self.ema.load_state_dict(st["ema"])
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.nan_streak = st["nan_streak"]
+        self.smooth = None if math.isnan(st["smooth"]) else st["smooth"]
+        set_rng_state(st["rng"], self.gen)
+
+    def save_lora(self, path: Path, ema: bool = False) -> Path:
+        parts = {"unet": self.sd.unet}
+        if self.train_te:
+            parts["text_encoder"] = self.sd.text_encoder
+        meta = {"ss_output_name": path.stem, "ss_steps": str(self.step), "ss_epoch": str(self.epoch),
+                "ss_learning_rate": str(self.cfg.optim.lr), "ss_sd_model_name": str(self.cfg.model.path),
+                "ss_network_dropout": str(self.cfg.lora.dropout), "loralab_targets": json.dumps(
+                    plain(self.cfg.lora.targets)), "loralab_commit": git_commit(),
+                "loralab_caption_version": str(self.cfg.data.get("caption_version")),
+                "ss_training_comment": f"loralab {self.cfg.get('name', '')}"}
+        if ema and self.ema:
+            self.ema.swap()
+        try:
+            return save_lora(parts, path, metadata=meta)
+        finally:
+            if ema and self.ema:
+                self.ema.swap()
+
+    def checkpoint(self) -> None:
+        self.save_lora(self.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors")
+        save_state(self.run_dir, self.state())
+
+    # ------------------------------------------------------------------ the run
+    def _log(self, out: dict, dt: float) -> None:
+        tc = self.cfg.train
+        if not out["skipped"]:
+            self.smooth = out["loss"] if self.smooth is None else 0.98 * self.smooth + 0.02 * out["loss"]
+        if self.writer is None:
+            return
+        w, s = self.writer, self.step
+        w.add_scalar("train/loss", out["loss"], s)
+        if self.smooth is not None:
+            w.add_scalar("train/loss_smooth", self.smooth, s)
+        w.add_scalar("train/lr", out["lr"], s)
+        w.add_scalar("train/grad_norm", out["grad_norm"], s)
+        w.add_scalar("train/loss_scale", self.scaler.scale, s)
+        w.add_scalar("train/skipped_steps", float(out["skipped"]), s)
+        w.add_scalar("perf/s_per_step", dt, s)
+        w.add_scalar("perf/images_per_s", tc.batch_size * tc.grad_accum / max(dt, 1e-9), s)
+        if self.device.type == "cuda":
+            w.add_scalar("perf/gpu_mem_gib", torch.cuda.max_memory_allocated() / 2 ** 30, s)
+
+    def preview(self) -> None:
+        """Images from fixed prompts and seeds, into TensorBoard and <run>/previews/."""
+        from experiments.images import make_grid, save_png, to_pil
+        from models.pipeline import generate
+        p = self.cfg.preview
+        self.sd.unet.eval(), self.sd.text_encoder.eval()
+        tiles = []
+        with autocast(self.device, self.precision):
+            for i, prompt in enumerate(p.prompts):
+                imgs = generate(self.sd, prompt, p.get("negative_prompt", ""), steps=p.steps,
+                                guidance_scale=p.guidance_scale, sampler=p.sampler, seed=p.seed + i,
+                                num_images=1, height=p.size, width=p.size)
+                tiles.append(to_pil(imgs[0]))
+        grid = make_grid(tiles, len(tiles))
+        save_png(grid, self.run_dir / "previews" / f"step_{self.step:06d}.png", f"previews at step {self.step}")
+        if self.writer is not None:
+            import numpy as np
+            self.writer.add_image("preview", np.asarray(grid), self.step, dataformats="HWC")
+
+    def final_samples(self, lora_file: Path) -> list[dict]:
+        """The evaluation images: the experiment's prompts on its inference model with the trained LoRA,
+        one folder per guidance scale (samples/cfg_4.0/...), each PNG with its A1111 parameters."""
+        from experiments.images import a1111_parameters, save_png
+        from lora.io import load_lora
+        from models.pipeline import generate
+        inf = self.cfg.inference
+        m = inf.model
+        same = str(m.path) == str(self.cfg.model.path) and m.get("vae") == self.cfg.model.get("vae")
+        if same:
+            sd = self.sd
+        else:  # experiment 4: the LoRA trained here, applied to another base
+            sd = load_model(m.path, dtype=self.sd.unet.dtype, device=self.device, vae=m.get("vae"),
+                            config=m.get("config"))
+            load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, lora_file)
+        sd.unet.eval(), sd.text_encoder.eval()
+        manifest = []
+        for g in inf.guidance_scales:
+            folder = self.run_dir / "samples" / f"cfg_{float(g)}"
+            for i, prompt in enumerate(inf.prompts):
+                with autocast(self.device, self.precision):
+                    imgs = generate(sd, prompt, inf.negative_prompt, steps=inf.steps, guidance_scale=float(g),
+                                    sampler=inf.sampler, seed=inf.seed + i, num_images=inf.images_per_prompt,
+                                    height=inf.size, width=inf.size)
+                for j, img in enumerate(imgs):
+                    name = f"{i:02d}_{j:02d}.png"
+                    params = a1111_parameters(prompt, inf.negative_prompt, {
+                        "Steps": inf.steps, "Sampler": inf.sampler, "CFG scale": float(g), "Seed": inf.seed + i,
+                        "Batch index": j, "Size": f"{inf.size}x{inf.size}", "Model": m.name})
+                    save_png(img, folder / name, params)
+                    manifest.append({"file": str((folder / name).relative_to(self.run_dir)), "prompt": prompt,
+                                     "guidance_scale": float(g), "seed": inf.seed + i, "batch_index": j,
+                                     "inference_model": str(m.name), "base_model": str(self.cfg.model.name)})
+        (self.run_dir / "samples" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return manifest
+
+    def _on_signal(self, signum, frame):
+        self.stop_requested = True
+
+    def run(self) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+        cfg, tc = self.cfg, self.cfg.train
+        if cfg.get("resume"):
+            self.load(load_state(cfg.resume))
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (self.run_dir / "run_info.json").write_text(json.dumps({
+            "commit": git_commit(), "lora": str(self.report), "data": str(self.scan_report),
+            "total_steps": self.total_steps, "device": str(self.device)}, indent=2))
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step if self.step else None)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        status = "finished"
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                out = self.optimizer_step()
+                dt = time.perf_counter() - t0
+                self._log(out, dt)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", skipped=out["skipped"])
+                if tc.save_every_steps and self.step % tc.save_every_steps == 0 and self.step < self.total_steps:
+                    self.checkpoint()
+                if cfg.preview.every_steps and self.step % cfg.preview.every_steps == 0:
+                    self.preview()
+                if self.stop_requested:
+                    status = "interrupted"
+                    break
+                if tc.get("stop_after_steps") and self.step >= tc.stop_after_steps:  # for tests: a "kill" at k
+                    status = "stopped"
+                    break
+        finally:
+            bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if status == "finished":
+            save_state(self.run_dir, self.state())
+        else:  # interrupted: the LoRA so far and the state to resume from
+            self.checkpoint()
+        result = {"status": status, "step": self.step, "epoch": self.epoch, "loss_smooth": self.smooth}
+        if status == "finished":
+            lora = self.save_lora(self.run_dir / "lora.safetensors")
+            result["lora"] = str(lora)
+            if self.ema:
+                result["lora_ema"] = str(self.save_lora(self.run_dir / "lora_ema.safetensors", ema=True))
+            if cfg.preview.every_steps:
+                self.preview()
+            if cfg.inference.enabled:
+                result["samples"] = len(self.final_samples(lora))
+        (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        hp = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "lr": cfg.optim.lr, "batch": tc.batch_size,
+              "caption_version": str(cfg.data.get("caption_version")), "targets": str(cfg.lora.targets)}
+        self.writer.add_hparams(hp, {"hparam/loss_smooth": self.smooth or float("nan")}, run_name=".")
+        self.writer.close()
+        return result
+
+
+def train(cfg: DictConfig) -> dict:
+    return Trainer(cfg).run()
