@@ -1,8 +1,9 @@
 """Sample images from a base model with any number of LoRAs (Hydra entry point).
 
-    python sample.py model=/models/sd15 'prompts=["J3NN13, close-up selfie"]' \
+    python sample.py model=sd15 'prompts=["J3NN13, close-up selfie"]' \
         'loras=[{path: runs/exp4/lora.safetensors, weight: 1.0}]'
-    python sample.py -m model=... guidance_scale=4.0,6.0,7.5      # the report's guidance sweep
+    python sample.py model.path=/models/rv51.safetensors model.vae=/models/vae-ft-mse.safetensors ...
+    python sample.py -m guidance_scale=4.0,6.0,7.5      # the report's guidance sweep
 
 Writes into the run folder: one PNG per image carrying A1111's `parameters` text (prompt, negative
 prompt, steps, sampler, CFG scale, seed, size, model hash, LoRAs and weights), grid.png and
@@ -25,6 +26,7 @@ from models.checkpoint import file_sha256
 from models.load import as_dtype, load_model, resolve
 from models.pipeline import generate
 from models.samplers import SAMPLERS
+import training.config  # noqa: F401  (registers ${root:})
 
 A1111_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
 
@@ -89,9 +91,10 @@ def run(cfg: DictConfig) -> list[dict]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    model_path = resolve(to_absolute_path(cfg.model) if Path(to_absolute_path(cfg.model)).exists() else cfg.model)
-    sd = load_model(model_path, dtype=cfg.dtype, device=device, vae=cfg.vae and to_absolute_path(cfg.vae),
-                    config=cfg.model_config and to_absolute_path(cfg.model_config))
+    m = cfg.model
+    model_path = resolve(to_absolute_path(m.path) if Path(to_absolute_path(m.path)).exists() else m.path)
+    sd = load_model(model_path, dtype=cfg.dtype, device=device, vae=m.vae and to_absolute_path(m.vae),
+                    config=m.config and to_absolute_path(m.config))
     sd.unet.eval(), sd.vae.eval(), sd.text_encoder.eval()
     lora_info = []
     for lora in cfg.loras:

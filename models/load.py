@@ -298,7 +298,7 @@ def save_diffusers_folder(sd: StableDiffusion, folder: str | Path, dtype=None) -
         (folder / name / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         state = {k: cast(v) for k, v in module.state_dict().items()}
         write_safetensors(rename(state) if rename else state, folder / name / fname, {"format": "pt"})
-    sd.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    text.save_tokenizer(sd.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd.scheduler_config, indent=2))
     (folder / "model_index.json").write_text(json.dumps({

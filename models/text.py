@@ -50,6 +50,24 @@ def load_tokenizer(folder: str | Path = BUNDLED_TOKENIZER) -> CLIPTokenizer:
     return tok
 
 
+def save_tokenizer(tok: CLIPTokenizer, folder: str | Path) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json, the files SD repositories ship
+    (transformers 5 would write only a 3.5 MB tokenizer.json)."""
+    import json
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    pad = tok.pad_token or "<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": MAX_LEN, "pad_token": pad, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}, indent=2))
+    return folder
+
+
 def build_text_encoder(config: dict) -> CLIPTextModel:
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     cfg._attn_implementation = "sdpa"

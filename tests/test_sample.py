@@ -41,6 +41,7 @@ def test_generate_equals_diffusers_pipeline(tiny_diffusers_folder, sampler, sche
 
 
 def _cfg(overrides):
+    import training.config  # noqa: F401
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("sample", overrides=overrides)
 
@@ -52,7 +53,7 @@ def test_sample_py_writes_pngs_grid_manifest_with_loras(tiny_diffusers_folder, t
     for _, layer in lora_layers(sd.unet):
         torch.nn.init.normal_(layer.lora["default"].up.weight, std=0.2)
     lora = save_lora({"unet": sd.unet}, tmp_path / "subject.safetensors")
-    cfg = _cfg([f"model={tiny_diffusers_folder}", f"out_dir={tmp_path / 'out'}", "steps=4", "images_per_prompt=2",
+    cfg = _cfg([f"model.path={tiny_diffusers_folder}", f"out_dir={tmp_path / 'out'}", "steps=4", "images_per_prompt=2",
                 "height=64", "width=64", f'prompts=["{PROMPT}", "J3NN13, wink"]', "guidance_scale=4.0",
                 f"loras=[{{path: {lora}, weight: 0.5}}]"])
     manifest = sample.run(cfg)
@@ -80,13 +81,13 @@ def test_sample_py_writes_pngs_grid_manifest_with_loras(tiny_diffusers_folder, t
                                             ("loras=[{path: nope.safetensors}]", "nope.safetensors does not exist")])
 def test_bad_settings_fail_before_loading(override, match, tmp_path):
     import sample
-    cfg = _cfg(["model=/does/not/exist", f"out_dir={tmp_path}", override])
+    cfg = _cfg(["model.path=/does/not/exist", f"out_dir={tmp_path}", override])
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         sample.run(cfg)
 
 
 def test_guidance_sweep_multirun(tiny_diffusers_folder, tmp_path):
-    cmd = [sys.executable, "sample.py", "-m", f"model={tiny_diffusers_folder}", "guidance_scale=4.0,7.5",
+    cmd = [sys.executable, "sample.py", "-m", f"model.path={tiny_diffusers_folder}", "guidance_scale=4.0,7.5",
            "steps=2", "images_per_prompt=1", "height=64", "width=64", f"hydra.sweep.dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
