@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.cache import LatentCache, TextCache, attach_latent_cache
 from data.dataset import ImageCaptionDataset, collate
 from data.folder import scan_folder
-from lora.inject import inject_lora, lora_parameters
+from lora.inject import inject_lora, lora_parameters, set_enabled
 from lora.io import save_lora
 from models.load import load_model
 from models.schedule import NoiseSchedule, offset_noise
@@ -113,6 +113,7 @@ class Trainer:
         self.smooth = None
         self.stop_requested = False
         self.writer = None
+        self.metrics: dict = {}
 
     # ------------------------------------------------------------------ data
     def _build_data(self):
@@ -344,14 +345,29 @@ class Trainer:
                             config=m.get("config"))
             load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, lora_file)
         sd.unet.eval(), sd.text_encoder.eval()
-        manifest = []
-        for g in inf.guidance_scales:
-            folder = self.run_dir / "samples" / f"cfg_{float(g)}"
+        manifest, metrics = [], {}
+        score = inf.get("subject_score", False)  # the tiny world's identity classifier (no downloads)
+        if score:
+            from experiments.tiny_world.identity import subject_score
+
+        def run_prompts(g):
+            out = []
             for i, prompt in enumerate(inf.prompts):
                 with autocast(self.device, self.precision):
-                    imgs = generate(sd, prompt, inf.negative_prompt, steps=inf.steps, guidance_scale=float(g),
-                                    sampler=inf.sampler, seed=inf.seed + i, num_images=inf.images_per_prompt,
-                                    height=inf.size, width=inf.size)
+                    out.append(generate(sd, prompt, inf.negative_prompt, steps=inf.steps, guidance_scale=float(g),
+                                        sampler=inf.sampler, seed=inf.seed + i, num_images=inf.images_per_prompt,
+                                        height=inf.size, width=inf.size))
+            return out
+        for g in inf.guidance_scales:
+            folder = self.run_dir / "samples" / f"cfg_{float(g)}"
+            batches = run_prompts(g)
+            if score:
+                metrics[f"cfg_{float(g)}"] = {"subject_score": subject_score(torch.cat(batches))}
+                if inf.get("compare_base"):  # the same prompts and seeds without the LoRA
+                    set_enabled(sd.unet, False), set_enabled(sd.text_encoder, False)
+                    metrics[f"cfg_{float(g)}"]["base_subject_score"] = subject_score(torch.cat(run_prompts(g)))
+                    set_enabled(sd.unet, True), set_enabled(sd.text_encoder, True)
+            for i, (prompt, imgs) in enumerate(zip(inf.prompts, batches)):
                 for j, img in enumerate(imgs):
                     name = f"{i:02d}_{j:02d}.png"
                     params = a1111_parameters(prompt, inf.negative_prompt, {
@@ -362,6 +378,9 @@ class Trainer:
                                      "guidance_scale": float(g), "seed": inf.seed + i, "batch_index": j,
                                      "inference_model": str(m.name), "base_model": str(self.cfg.model.name)})
         (self.run_dir / "samples" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if metrics:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.metrics = metrics
         return manifest
 
     def _on_signal(self, signum, frame):
@@ -420,7 +439,12 @@ class Trainer:
         (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
         hp = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "lr": cfg.optim.lr, "batch": tc.batch_size,
               "caption_version": str(cfg.data.get("caption_version")), "targets": str(cfg.lora.targets)}
-        self.writer.add_hparams(hp, {"hparam/loss_smooth": self.smooth or float("nan")}, run_name=".")
+        final = {"hparam/loss_smooth": self.smooth or float("nan")}
+        for k, v in self.metrics.items():
+            final.update({f"hparam/{k}/{m}": x for m, x in v.items()})
+        result["metrics"] = self.metrics
+        (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        self.writer.add_hparams(hp, final, run_name=".")
         self.writer.close()
         return result
 
