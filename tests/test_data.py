@@ -220,3 +220,29 @@ def test_text_cache_encodes_each_caption_once():
     assert out.shape == (3, 2, 3) and out[1, 0, 0] == 3
     tc(["abc", "abcd"])
     assert seen == ["ab", "abc", "abcd"]  # each caption encoded once
+
+
+def test_data_check_reports_everything(folder, capsys):
+    from data.check import main
+    assert main([str(folder)]) == 0
+    (folder / "dup.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "broken.png").write_text("not an image")
+    (folder / "captions" / "v1" / "img2.txt").unlink()
+    assert main([str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "6 images, 5 readable" in out and "dup.png, img0.png" in out and "broken.png: not an image" in out
+    assert "v1: 3/5" in out and "default: 4/5" in out
+
+
+def test_class_images_are_generated_to_the_count(tiny_diffusers_folder, tmp_path):
+    from data.class_images import ensure_class_images
+    from models.load import load_model
+    sd = load_model(tiny_diffusers_folder)
+    cls = tmp_path / "class"
+    cls.mkdir()
+    _img(cls / "real.png", size=(16, 16))
+    (cls / "real.txt").write_text("a person")
+    assert ensure_class_images(sd, cls, "a person", 4, size=16, steps=2) == 3
+    items, _ = scan_folder(cls)
+    assert len(items) == 4 and all(i.caption == "a person" for i in items)
+    assert ensure_class_images(sd, cls, "a person", 4, size=16, steps=2) == 0

@@ -78,6 +78,10 @@ class Trainer:
                              config=m.get("config"))
         for mod in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
             mod.requires_grad_(False).eval()
+        d = cfg.data
+        if d.get("class_dir") and d.get("num_class_images"):  # before any LoRA: the base's own prior
+            from data.class_images import ensure_class_images
+            ensure_class_images(self.sd, d.class_dir, d.class_prompt, d.num_class_images, d.resolution, cfg.seed)
         L = cfg.lora
         lkw = dict(dropout=L.dropout, rank_dropout=L.get("rank_dropout", 0.0),
                    module_dropout=L.get("module_dropout", 0.0), init=L.get("init", "kaiming"),
