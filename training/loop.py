@@ -440,12 +440,17 @@ class Trainer:
                 self.preview()
             if cfg.inference.enabled:
                 result["samples"] = len(self.final_samples(lora))
+                if cfg.inference.get("evaluate"):  # LPIPS/FID (null without their weights), PSNR, SSIM
+                    from experiments.evaluate import Scorer, evaluate_run
+                    self.metrics = evaluate_run(self.run_dir, Scorer(cfg.inference.get("inception_weights"),
+                                                                     cfg.inference.get("lpips_backbone")))
+                    self.metrics = {k: v for k, v in self.metrics.items() if k.startswith("cfg_")}
         (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
         hp = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "lr": cfg.optim.lr, "batch": tc.batch_size,
               "caption_version": str(cfg.data.get("caption_version")), "targets": str(cfg.lora.targets)}
         final = {"hparam/loss_smooth": self.smooth or float("nan")}
         for k, v in self.metrics.items():
-            final.update({f"hparam/{k}/{m}": x for m, x in v.items()})
+            final.update({f"hparam/{k}/{m}": x for m, x in v.items() if isinstance(x, (int, float))})
         result["metrics"] = self.metrics
         (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
         self.writer.add_hparams(hp, final, run_name=".")
