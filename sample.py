@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from experiments.images import a1111_parameters, make_grid, save_png, to_pil
 from lora.io import load_lora
-from models.checkpoint import file_sha256
+from models.checkpoint import file_sha256, model_hash
 from models.load import as_dtype, load_model, resolve
 from models.pipeline import generate
 from models.samplers import SAMPLERS
@@ -35,17 +35,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def short_hash(path: str | Path) -> str:
-    """A1111's "AutoV2" model hash: the first 10 hex digits of the file's sha256 (a folder: its UNet weights)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted((p / "unet").glob("diffusion_pytorch_model*.safetensors"))
-        if not files:
-            return ""
-        p = files[0]
-    return file_sha256(p)[:10]
 
 
 def check_settings(cfg: DictConfig) -> list[str]:
@@ -104,7 +93,7 @@ def run(cfg: DictConfig) -> list[dict]:
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
     init = load_init_image(to_absolute_path(cfg.init_image), cfg.width, cfg.height) if cfg.init_image else None
-    model_hash = short_hash(model_path)
+    mhash = model_hash(model_path)
     sampler_name = A1111_SAMPLER_NAMES[cfg.sampler] + (" Karras" if cfg.sampler_options.get("karras") else "")
     lora_tags = "".join(f" <lora:{x['name']}:{x['weight']:g}>" for x in lora_info)
 
@@ -121,7 +110,7 @@ def run(cfg: DictConfig) -> list[dict]:
         for j, image in enumerate(images):
             settings = {"Steps": cfg.steps, "Sampler": sampler_name, "CFG scale": cfg.guidance_scale,
                         "Seed": cfg.seed, "Batch index": j, "Size": f"{cfg.width}x{cfg.height}",
-                        "Model hash": model_hash, "Model": Path(str(model_path)).stem,
+                        "Model hash": mhash, "Model": Path(str(model_path)).stem,
                         "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
                         "Denoising strength": cfg.strength if init is not None else None,
                         "Lora hashes": ('"' + ", ".join(f"{x['name']}: {x['hash']}" for x in lora_info) + '"')
@@ -132,7 +121,7 @@ def run(cfg: DictConfig) -> list[dict]:
             manifest.append({"file": name, "prompt": prompt, "negative_prompt": cfg.negative_prompt,
                              "seed": cfg.seed, "batch_index": j, "steps": cfg.steps, "sampler": cfg.sampler,
                              "guidance_scale": cfg.guidance_scale, "width": cfg.width, "height": cfg.height,
-                             "model": str(model_path), "model_hash": model_hash, "loras": lora_info})
+                             "model": str(model_path), "model_hash": mhash, "loras": lora_info})
     bar.close()
     make_grid(tiles, cfg.images_per_prompt).save(out_dir / "grid.png")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -105,3 +105,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's "AutoV2" hash: the first 10 hex digits of the file's sha256 (a diffusers folder: its UNet file)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted((p / "unet").glob("diffusion_pytorch_model*.safetensors"))
+        if not files:
+            return ""
+        p = files[0]
+    return file_sha256(p)[:10] if p.is_file() else ""

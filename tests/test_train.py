@@ -194,3 +194,54 @@ def test_killed_subprocess_resumes_and_finishes(tiny_diffusers_folder, tiny_data
     assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
     term = json.loads((tmp_path / "term" / "train_result.json").read_text())
     assert term["status"] == "interrupted" and (tmp_path / "term" / "state" / "last.pt").exists()
+
+
+def test_loss_scaler_skips_overflow_and_grows():
+    from training.precision import LossScaler
+    s = LossScaler(True, init_scale=1024.0, growth_interval=2)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([2048.0, 1024.0, float("inf")])
+    assert s.unscale_([p]) is False
+    s.update(False)
+    assert s.scale == 512.0
+    p.grad = torch.tensor([512.0, 256.0, 0.0])
+    assert s.unscale_([p]) is True and torch.equal(p.grad, torch.tensor([1.0, 0.5, 0.0]))
+    s.update(True), s.update(True)
+    assert s.scale == 1024.0  # doubled after growth_interval clean steps
+    off = LossScaler(False)
+    assert off.scale == 1.0 and off.scale_loss(torch.tensor(3.0)) == 3.0
+
+
+def test_phased_training_continues_on_the_next_subset(tiny_diffusers_folder, tiny_data, tmp_path):
+    """Seed 000: train on one subset, then resume the same run on the next subset of the data."""
+    import shutil
+    phase2 = tmp_path / "phase2"
+    shutil.copytree(tiny_data, phase2)
+    for p in sorted(phase2.glob("*.png"))[:4]:
+        p.unlink()
+        for v in ("v1", "v4"):
+            (phase2 / "captions" / v / (p.stem + ".txt")).unlink()
+    run = tmp_path / "run"
+    first = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, run, "train.max_steps=3")).run()
+    a = lora_file(run)
+    second = Trainer(make_cfg(tiny_diffusers_folder, phase2, run, "train.max_steps=6", f"resume={run}")).run()
+    assert first["step"] == 3 and second["status"] == "finished" and second["step"] == 6
+    b = lora_file(run)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it went on learning
+    meta = __import__("models.checkpoint", fromlist=["x"]).read_safetensors_metadata(run / "lora.safetensors")
+    assert meta["ss_steps"] == "6" and len(meta["ss_sd_model_hash"]) == 10 and meta["ss_network_dim"] == "4"
+
+
+def test_tiny_world_sweep_gives_the_report_table(tmp_path):
+    """The ablation grid on the tiny world with one multirun command, then the Table-4 report."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "+experiment=exp3_rv_v4", "+world=tiny", "data.caption_version=v1,v4",
+           "train.max_steps=3", "inference.steps=3", "inference.images_per_prompt=1", "inference.guidance_scales=[4.0,7.5]",
+           "inference.prompts=[\"J3NN13, close-up\",\"J3NN13, wink\"]", f"hydra.sweep.dir={sweep}", "device=cpu"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from experiments.report import write_report
+    rows = write_report(sweep)
+    assert [(r["caption"], r["guidance"]) for r in rows] == [("v1", 4.0), ("v1", 7.5), ("v4", 4.0), ("v4", 7.5)]
+    assert all(r["inference_model"] == "realistic_vision_v51" and r["psnr"] is not None for r in rows)
+    assert (sweep / "report.md").is_file() and (sweep / "figure5.png").is_file()

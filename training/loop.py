@@ -278,6 +278,7 @@ class Trainer:
             parts["text_encoder"] = self.sd.text_encoder
         meta = {"ss_output_name": path.stem, "ss_steps": str(self.step), "ss_epoch": str(self.epoch),
                 "ss_learning_rate": str(self.cfg.optim.lr), "ss_sd_model_name": str(self.cfg.model.path),
+                "ss_sd_model_hash": self._base_hash(), "ss_base_model_version": "sd_v1",
                 "ss_network_dropout": str(self.cfg.lora.dropout), "loralab_targets": json.dumps(
                     plain(self.cfg.lora.targets)), "loralab_commit": git_commit(),
                 "loralab_caption_version": str(self.cfg.data.get("caption_version")),
@@ -289,6 +290,12 @@ class Trainer:
         finally:
             if ema and self.ema:
                 self.ema.swap()
+
+    def _base_hash(self) -> str:
+        if not hasattr(self, "_hash"):
+            from models.checkpoint import model_hash
+            self._hash = model_hash(self.cfg.model.path) if Path(str(self.cfg.model.path)).exists() else ""
+        return self._hash
 
     def checkpoint(self) -> None:
         self.save_lora(self.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors")
