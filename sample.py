@@ -23,18 +23,12 @@ from tqdm import tqdm
 from experiments.images import a1111_parameters, make_grid, save_png, to_pil
 from lora.io import load_lora
 from models.checkpoint import file_sha256, model_hash
-from models.load import as_dtype, load_model, resolve
+from models.load import as_dtype, load_model, pick_device, resolve
 from models.pipeline import generate
 from models.samplers import SAMPLERS
 import training.config  # noqa: F401  (registers ${root:})
 
 A1111_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_settings(cfg: DictConfig) -> list[str]:

@@ -111,7 +111,7 @@ def psnr_ssim_by_step(run: Path, cfg, refs: torch.Tensor, seed: int = 0) -> dict
     g = float(inf.guidance_scales[len(inf.guidance_scales) // 2])
     for step, f in sorted(ckpts.items()):
         if f is not None:
-            load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, f, adapter="eval")
+            load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, f, adapter="by_step")
         imgs = generate(sd, inf.prompts[0], inf.negative_prompt, steps=inf.steps, guidance_scale=g,
                         sampler=inf.sampler, seed=inf.seed, num_images=min(5, len(refs)), height=inf.size,
                         width=inf.size)

@@ -258,7 +258,10 @@ def load_lora(parts: dict[str, nn.Module], path: str | Path, adapter: str | None
     if wrong:
         raise LoRAFileError(f"{path}: {len(wrong)} LoRA modules whose shapes do not fit the model: "
                             f"{'; '.join(wrong[:6])}. Is the LoRA for this base architecture?")
-    adapter = adapter or re.sub(r"\W", "_", path.stem)
+    if adapter is None:  # the file stem, made a usable name ("my-lora v2" -> "my_lora_v2", "eval" -> "lora_eval")
+        adapter = re.sub(r"\W", "_", path.stem)
+        if not adapter.isidentifier() or hasattr(nn.ModuleDict(), adapter):
+            adapter = "lora_" + adapter
     taken = {n for m in parts.values() for _, layer in lora_layers(m) for n in layer.lora}
     if adapter in taken:
         raise ValueError(f"adapter name {adapter!r} is already in use: pass another adapter=")

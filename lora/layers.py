@@ -99,6 +99,9 @@ class LoRALayer(nn.Module):
     def add_adapter(self, name: str, **kw) -> LoRAAdapter:
         if name in self.lora:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if not name.isidentifier() or hasattr(nn.ModuleDict(), name):
+            raise ValueError(f"adapter name {name!r} cannot be used: it must be an identifier and not an "
+                             f"nn.ModuleDict attribute (such as 'eval', 'train', 'to')")
         self.lora[name] = LoRAAdapter(self.base_layer, **kw)
         return self.lora[name]
 

@@ -57,6 +57,13 @@ class StableDiffusion:
         return self
 
 
+def pick_device(name: str) -> torch.device:
+    """"auto" = cuda when available, else cpu; anything else as torch.device reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

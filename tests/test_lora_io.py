@@ -157,6 +157,9 @@ def test_ldm_named_kohya_file_and_two_loras_with_weights(tiny_diffusers_folder, 
     assert (got_ctx - want_ctx).abs().max() <= 1e-5 and (got - want).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="already in use"):
         load_lora(_parts(sd), f1, multiplier=0.5)
+    # A file stem that is no usable adapter name gets a prefix.
+    (tmp_path / "eval.safetensors").write_bytes(f1.read_bytes())
+    assert load_lora(_parts(sd), tmp_path / "eval.safetensors").adapter == "lora_eval"
 
 
 def test_cross_model_transfer_and_merged_checkpoint(tiny_diffusers_folder, tmp_path, probe):

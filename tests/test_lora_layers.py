@@ -211,6 +211,8 @@ def test_walker_rules_and_errors():
     assert rep.modules["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1:] == (8, 4.0)
     assert rep.modules["up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"][1:] == (2, 2.0)
     assert all("attn2" not in n for n in rep.modules)  # regex is a full match
+    with pytest.raises(ValueError, match="'eval' cannot be used"):
+        inject_lora(ours, r".*attn1\.to_q", rank=2, adapter="eval")
     with pytest.raises(ValueError, match="already exists"):
         inject_lora(ours, r".*attn1\.to_q", rank=2)
     assert "modules" in str(rep) and f"{rep.num_parameters:,}" in str(rep)

@@ -89,3 +89,20 @@ def test_evaluate_without_weights_reports_null_with_the_reason(tmp_path, monkeyp
     assert r["cfg_6.0"]["fid"] is None and r["cfg_6.0"]["lpips"] is None
     assert "pt_inception" in r["notes"]["fid"] and "alexnet" in r["notes"]["lpips"]
     assert r["cfg_6.0"]["psnr"] > 0
+
+
+def test_fid_between_two_folders_cli(tmp_path, capsys):
+    from experiments.evaluate import main
+    for d, off in (("a", 0), ("b", 50)):
+        for i in range(3):
+            _png(tmp_path / d / f"{i}.png", off + i)
+    torch.save(_random_fid_state(), tmp_path / "inception.pth")
+    assert main(["--fid", str(tmp_path / "a"), str(tmp_path / "a"), "--inception", str(tmp_path / "inception.pth")]) == 0
+    same = json.loads(capsys.readouterr().out)["fid"]
+    main(["--fid", str(tmp_path / "a"), str(tmp_path / "b"), "--inception", str(tmp_path / "inception.pth")])
+    diff = json.loads(capsys.readouterr().out)["fid"]
+    from experiments.inception import load_fid_inception
+    from data.folder import list_images
+    net = load_fid_inception(tmp_path / "inception.pth")
+    fa, fb = (M.inception_features(load_images(list_images(tmp_path / d), 299), net) for d in "ab")
+    assert abs(same) < 1e-6 and diff == pytest.approx(M.fid_from_features(fa, fb), rel=1e-9, abs=1e-12)

@@ -236,7 +236,7 @@ def test_tiny_world_sweep_gives_the_report_table(tmp_path):
     """The ablation grid on the tiny world with one multirun command, then the Table-4 report."""
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "+experiment=exp3_rv_v4", "+world=tiny", "data.caption_version=v1,v4",
-           "train.max_steps=3", "inference.steps=3", "inference.images_per_prompt=1", "inference.guidance_scales=[4.0,7.5]",
+           "train.max_steps=3", "train.save_every_steps=2", "inference.steps=3", "inference.images_per_prompt=1", "inference.guidance_scales=[4.0,7.5]",
            "inference.prompts=[\"J3NN13, close-up\",\"J3NN13, wink\"]", f"hydra.sweep.dir={sweep}", "device=cpu"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -245,3 +245,11 @@ def test_tiny_world_sweep_gives_the_report_table(tmp_path):
     assert [(r["caption"], r["guidance"]) for r in rows] == [("v1", 4.0), ("v1", 7.5), ("v4", 4.0), ("v4", 7.5)]
     assert all(r["inference_model"] == "realistic_vision_v51" and r["psnr"] is not None for r in rows)
     assert (sweep / "report.md").is_file() and (sweep / "figure5.png").is_file()
+    # Seed 003's PSNR/SSIM by checkpoint step (no LoRA, step 2, the final LoRA at step 3).
+    from experiments.evaluate import Scorer, evaluate_run
+    run = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())[0]
+    r = evaluate_run(run, Scorer(), by_step=True)
+    assert sorted(r["by_step"], key=int) == ["0", "2", "3"] and len(r["by_step"]["2"]["psnr"]) == 5
+    write_report(sweep)
+    steps = (sweep / "steps.md").read_text()
+    assert "PSNR by step" in steps and "| 2 |" in steps

@@ -26,7 +26,7 @@ from data.dataset import ImageCaptionDataset, collate
 from data.folder import scan_folder
 from lora.inject import inject_lora, lora_parameters, set_enabled
 from lora.io import save_lora
-from models.load import load_model
+from models.load import load_model, pick_device
 from models.schedule import NoiseSchedule, offset_noise
 from models.text import encode_text, tokenize
 from training.optim import EMA, build_optimizer, lr_factor
@@ -41,12 +41,6 @@ class NaNLossError(RuntimeError):
 def plain(x):
     """An OmegaConf node -> plain Python; anything else unchanged (a target preset is a string)."""
     return OmegaConf.to_object(x) if OmegaConf.is_config(x) else x
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def git_commit() -> str:
