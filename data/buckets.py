@@ -40,6 +40,12 @@ class BucketBatches:
             self.groups.setdefault(b, []).append(i)
 
     def batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_cached", (None,))[0] == epoch:  # asked once per micro-batch by the loop
+            return self._cached[1]
+        self._cached = (epoch, self._make(epoch))
+        return self._cached[1]
+
+    def _make(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         out = []
         for b in sorted(self.groups):
