@@ -117,6 +117,15 @@ def test_resume_continues_exactly(tiny_diffusers_folder, tiny_data, tmp_path):
     other = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "other", *common, "seed=7")).run()
     c = lora_file(tmp_path / "other")
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))
+    # Uncached latents through 2 DataLoader workers, resumed: equal to the same uncached run in one go.
+    un = ["train.cache_latents=false", "train.num_workers=2"]
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "u_full", *common, *un)).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "u_part", *common, *un,
+                     "train.stop_after_steps=3")).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "u_part", *common, *un,
+                     f"resume={tmp_path / 'u_part'}")).run()
+    d, e = lora_file(tmp_path / "u_full"), lora_file(tmp_path / "u_part")
+    assert all(torch.equal(d[k], e[k]) for k in d)
     with pytest.raises(ValueError, match="LoRA modules differ"):
         Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common, "lora.rank=2",
                          f"resume={tmp_path / 'part'}")).run()

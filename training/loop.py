@@ -145,21 +145,36 @@ class Trainer:
         ids = tokenize(self.sd.tokenizer, captions, self.cfg.train.get("long_prompt", "truncate"))
         return encode_text(self.sd.text_encoder, ids, self.cfg.train.get("clip_skip", 1))
 
+    def _loader(self):
+        """Batches left in this epoch, loaded by DataLoader workers (none when latents are cached: then a
+        batch is a memory lookup). Augmentation is seeded per (seed, epoch, index), so workers change nothing."""
+        from torch.utils.data import DataLoader
+        self.ds.set_epoch(self.epoch)
+        workers = 0 if self.ds.latent_cache is not None else self.cfg.train.get("num_workers", 0)
+        left = self.plan.batches(self.epoch)[self.batch_in_epoch:]
+        # Its own generator: the loader draws worker seeds from it, not from the global RNG that LoRA dropout
+        # uses (which would shift the dropout masks of a resumed run).
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
+        return iter(DataLoader(self.ds, batch_sampler=left, collate_fn=collate, num_workers=workers, generator=g,
+                               pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None))
+
     def _next_batch(self) -> dict:
         """The next micro-batch in the (seed, epoch) order; wraps to the next epoch."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.ds.set_epoch(self.epoch)
-        idx = self.plan.batches(self.epoch)[self.batch_in_epoch]
+            self._iter = None
+        if getattr(self, "_iter", None) is None:
+            self._iter = self._loader()
+        batch = next(self._iter)
         self.batch_in_epoch += 1
-        batch = collate([self.ds[i] for i in idx])
+        n = len(batch["caption"])
         if self.prior is not None:
             self.prior.set_epoch(self.epoch * 100_003 + self.batch_in_epoch)
             g = torch.Generator().manual_seed(self.cfg.seed + self.step * 7919 + self.batch_in_epoch)
-            pidx = torch.randint(0, len(self.prior), (len(idx),), generator=g).tolist()
+            pidx = torch.randint(0, len(self.prior), (n,), generator=g).tolist()
             pb = collate([self.prior[i] for i in pidx])
             batch = {k: (v + pb[k] if isinstance(v, list) else torch.cat([v, pb[k]])) for k, v in batch.items()}
-            batch["n_instance"] = len(idx)
+            batch["n_instance"] = n
         return batch
 
     # ------------------------------------------------------------------ one step
