@@ -246,3 +246,43 @@ def test_class_images_are_generated_to_the_count(tiny_diffusers_folder, tmp_path
     items, _ = scan_folder(cls)
     assert len(items) == 4 and all(i.caption == "a person" for i in items)
     assert ensure_class_images(sd, cls, "a person", 4, size=16, steps=2) == 0
+
+
+@pytest.fixture
+def tiny_blip(tmp_path):
+    """A tiny random BLIP captioner in the layout of Salesforce/blip-image-captioning-base."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "person", "with", "glasses", "smiling", "photo",
+             "of", "hair", "[DEC]"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    cfg = BlipConfig(text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=4, bos_token_id=13, sep_token_id=3, pad_token_id=0,
+                                      max_position_embeddings=64),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=4, image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(cfg).eval()
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                         tokenizer=BertTokenizer(str(tmp_path / "vocab.txt")))
+    model.save_pretrained(tmp_path / "blip")
+    proc.save_pretrained(tmp_path / "blip")
+    return tmp_path / "blip", model, proc
+
+
+def test_caption_folder_with_a_tiny_blip(folder, tiny_blip):
+    from data.caption import caption_folder, main
+    path, model, proc = tiny_blip
+    r = caption_folder(folder, path, version="blip", prefix="J3NN13, ", batch=3, max_new_tokens=5)
+    assert r == {"images": 4, "written": 4, "kept": 0, "folder": str(folder / "captions" / "blip")}
+    img = load_rgb(folder / "img2.png")
+    with torch.no_grad():
+        want = proc.batch_decode(model.generate(**proc(images=[img], return_tensors="pt"), max_new_tokens=5,
+                                                do_sample=False), skip_special_tokens=True)[0].strip()
+    assert (folder / "captions" / "blip" / "img2.txt").read_text() == f"J3NN13, {want}\n"
+    assert scan_folder(folder, caption_version="blip")[0][0].caption.startswith("J3NN13, ")
+    # Existing captions are kept unless overwrite=true; the default location is beside the images.
+    assert caption_folder(folder, path, version="blip")["written"] == 0
+    assert main([str(folder), f"model={path}", "overwrite=true", "max_new_tokens=3"]) == 0
+    assert (folder / "img0.txt").read_text() != "J3NN13, wink, close-up, tag0"
+    with pytest.raises(FileNotFoundError, match="no captioning model"):
+        caption_folder(folder, folder / "nope")
