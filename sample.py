@@ -20,6 +20,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from data.images import load_rgb, resize_crop, to_tensor
 from experiments.images import a1111_parameters, make_grid, save_png, to_pil
 from lora.io import load_lora
 from models.checkpoint import file_sha256, model_hash
@@ -62,11 +63,9 @@ def check_settings(cfg: DictConfig) -> list[str]:
 
 
 def load_init_image(path: str, width: int, height: int) -> torch.Tensor:
-    from PIL import Image
-    import numpy as np
-    img = Image.open(path).convert("RGB").resize((width, height), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return x[None]                                                    # (1, 3, H, W) in [-1, 1]
+    """img2img input through the training data's loader: EXIF, colour modes and bad files handled alike."""
+    img, _ = resize_crop(load_rgb(path), width, height)
+    return to_tensor(img)[None]                                       # (1, 3, H, W) in [-1, 1]
 
 
 def run(cfg: DictConfig) -> list[dict]:

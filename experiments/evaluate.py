@@ -17,13 +17,12 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from data.folder import list_images
-from data.images import load_rgb
+from data.images import load_rgb, to_tensor
 from experiments import metrics as M
 
 
@@ -34,7 +33,7 @@ def load_images(paths, size: int | None = None) -> torch.Tensor:
         img = load_rgb(p)
         if size and img.size != (size, size):
             img = img.resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+        out.append(to_tensor(img) / 2 + 0.5)
     return torch.stack(out)
 
 

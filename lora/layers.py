@@ -74,7 +74,9 @@ class LoRAAdapter(nn.Module):
         return delta * (self.scale * self.multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(self.dropout(x.to(self.down.weight.dtype)))       # (..., r) or (B, r, H', W')
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks its dtype itself
+            x = x.to(self.down.weight.dtype)
+        h = self.down(self.dropout(x))                                  # (..., r) or (B, r, H', W')
         scale = self.scale * self.multiplier
         if self.training and self.rank_dropout > 0:  # kohya's rank dropout: drop rank channels per sample
             b, r = h.shape[0], self.rank

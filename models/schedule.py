@@ -69,19 +69,22 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.betas.shape[0]
 
-    def _at(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """abar_t gathered for a batch of timesteps (B,), shaped (B, 1, 1, 1) to broadcast over x."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device).long()]
-        return a.reshape(-1, *([1] * (like.ndim - 1)))
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t), sqrt(1 - abar_t) for timesteps (B,): computed in float64, then shaped (B, 1, 1, 1)
+        in x's dtype, so the training step multiplies latents in their own precision (no float64 tensors)."""
+        a = self.alphas_cumprod[t.cpu().long()]
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return (a.sqrt().to(like.device, like.dtype).reshape(shape),
+                (1 - a).sqrt().to(like.device, like.dtype).reshape(shape))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (in float64, returned in x0's dtype)."""
-        a = self._at(t, x0)
-        return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).to(x0.dtype)
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        s, s1 = self._coefs(t, x0)
+        return s * x0 + s1 * noise
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self._at(t, x0)
-        return (a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()).to(x0.dtype)
+        s, s1 = self._coefs(t, x0)
+        return s * noise - s1 * x0
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to predict: the noise, or v."""

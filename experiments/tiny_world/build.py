@@ -245,7 +245,7 @@ def build_all(out: Path, device: torch.device, scale: float = 1.0, budget: float
     """budget: seconds for the training stages (GPU); they share it 20/50/17 %.
     continue_from: a folder holding tiny-sd15/: keep its VAE, continue its UNet and text encoder (the
     budget then goes 80/20 to the two UNet stages), keep the identity classifier."""
-    from models.load import SD15_SCHEDULER, StableDiffusion, save_diffusers_folder  # noqa: F401
+    from models.load import StableDiffusion, save_diffusers_folder
     from models.text import build_text_encoder, load_tokenizer
     from models.unet import UNet2DConditionModel, UNetConfig
     from experiments.tiny_world.identity import save_identity
