@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from models.cuda_graph import graphed_unet
 from models.load import StableDiffusion
 from models.samplers import get_sampler, guided
 from models.schedule import NoiseSchedule
@@ -49,10 +50,13 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              sampler_options: dict | None = None, seed: int = 0, num_images: int = 1, height: int = 512,
              width: int = 512, clip_skip: int = 1, long_prompt: str = "truncate",
              init_image: torch.Tensor | None = None, strength: float = 1.0,
-             callback: Callable | None = None, decode_slice: int | None = None) -> torch.Tensor:
+             callback: Callable | None = None, decode_slice: int | None = None,
+             cuda_graph: bool = True) -> torch.Tensor:
     """One prompt, `num_images` images (N, 3, H, W) in [0, 1], float32 on the CPU.
 
     init_image: (1 or N, 3, H, W) in [-1, 1] for img2img with `strength`.
+    cuda_graph: on a CUDA device, replay the UNet from a CUDA graph (models/cuda_graph.py): the same
+    numbers, without the per-kernel launch cost.
     """
     f = sd.vae.scale_factor
     if height % f or width % f:
@@ -67,7 +71,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     n_tok = max(cond.shape[1], uncond.shape[1])
     cond = _pad_to(cond, n_tok).repeat(num_images, 1, 1)
     uncond = _pad_to(uncond, n_tok).repeat(num_images, 1, 1)
-    model = guided(sd.unet, cond, uncond, guidance_scale, guidance_rescale)
+    unet = graphed_unet(sd.unet) if cuda_graph and device.type == "cuda" else sd.unet
+    model = guided(unet, cond, uncond, guidance_scale, guidance_rescale)
 
     g = torch.Generator("cpu").manual_seed(int(seed))
     shape = (num_images, sd.unet.config.in_channels, height // f, width // f)

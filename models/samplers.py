@@ -239,7 +239,7 @@ def guided(unet, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, 
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x
-        out = unet(xin.to(unet.dtype), t.to(x.device), ctx, added_cond).to(x.dtype)
+        out = unet(xin.to(unet.dtype), t, ctx, added_cond).to(x.dtype)  # t: the UNet moves it
         if not use_cfg:
             return out
         out_u, out_c = out.chunk(2)

@@ -65,6 +65,14 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas, cfg.get("prediction_type", "epsilon"))
 
+    def abar_on(self, device) -> torch.Tensor:
+        """alphas_cumprod (float64) on `device`, copied once: gathers by device timesteps never wait for the host."""
+        cache = self.__dict__.setdefault("_abar", {})
+        key = str(torch.device(device))
+        if key not in cache:
+            cache[key] = self.alphas_cumprod.to(device)
+        return cache[key]
+
     @property
     def num_train_timesteps(self) -> int:
         return self.betas.shape[0]
@@ -72,7 +80,7 @@ class NoiseSchedule:
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t), sqrt(1 - abar_t) for timesteps (B,): computed in float64, then shaped (B, 1, 1, 1)
         in x's dtype, so the training step multiplies latents in their own precision (no float64 tensors)."""
-        a = self.alphas_cumprod[t.cpu().long()]
+        a = self.abar_on(t.device)[t.long()]
         shape = (-1, *([1] * (like.ndim - 1)))
         return (a.sqrt().to(like.device, like.dtype).reshape(shape),
                 (1 - a).sqrt().to(like.device, like.dtype).reshape(shape))
@@ -92,7 +100,7 @@ class NoiseSchedule:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = abar_t / (1 - abar_t), (B,) float64."""
-        a = self.alphas_cumprod.to(t.device)[t.long()]
+        a = self.abar_on(t.device)[t.long()]
         return a / (1 - a)
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -196,7 +196,7 @@ def test_latent_cache_keys_memory_and_disk(folder, tmp_path):
     s = ds[0]
     assert "pixels" not in s and s["latent_mean"].shape == (4, 16, 16)
     want = vae.inner.encode(ds.pixels(0, s["flip"])[None]).mean[0]
-    assert torch.allclose(s["latent_mean"], want, atol=1e-6)
+    assert torch.allclose(s["latent_mean"], want, atol=1e-5)  # batched vs single conv: last bits differ
     # A second cache on the same disk folder recomputes nothing; a changed image or VAE recomputes.
     again = LatentCache(vae, tmp_path / "cache")
     assert again.fill(ds) == 0

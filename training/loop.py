@@ -15,6 +15,7 @@ import math
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +30,10 @@ from lora.io import save_lora
 from models.load import load_model, pick_device
 from models.schedule import NoiseSchedule, offset_noise
 from models.text import encode_text, tokenize
-from training.optim import EMA, build_optimizer, lr_factor
+from training.graph_step import GraphedStep
+from training.optim import EMA, build_optimizer, lr_factor, optimizer_state, set_capturable
 from training.precision import LossScaler, autocast, precision_dtype
+from training.staging import Stager
 from training.state import load_state, rng_state, save_state, set_rng_state
 
 
@@ -89,6 +92,14 @@ class Trainer:
                                          alpha=T.alpha, **lkw)
         if tc.grad_checkpointing:
             self.sd.unet.set_gradient_checkpointing(True)
+        cuda = self.device.type == "cuda"
+        self.channels_last = bool(tc.get("channels_last", False))
+        if self.channels_last:
+            self.sd.unet.to(memory_format=torch.channels_last)
+        if cuda:
+            torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
+        if tc.get("compile"):  # in place: module names (and LoRA file keys) stay as they are
+            self.sd.unet.compile(dynamic=False)
 
         sched_cfg = dict(self.sd.scheduler_config)
         if tc.get("prediction_type"):
@@ -104,14 +115,47 @@ class Trainer:
                            "lr": L.text_encoder.get("lr") or cfg.optim.lr})
         self.params = [p for g in groups for p in g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
-        self.opt = build_optimizer(groups, cfg.optim)
-        self.scaler = LossScaler(tc.precision == "fp16")
+        self.graph_mode = cuda and self._graph_wanted()
+        self.opt = build_optimizer(groups, cfg.optim, capturable=self.graph_mode)
+        self.opt_skips_on_device = bool(self.opt.defaults.get("fused"))
+        for p in self.params:  # gradients live in fixed memory: zeroed and accumulated in place every step
+            p.grad = torch.zeros_like(p)
+        self.scaler = LossScaler(tc.precision == "fp16", device=self.device)
         self.ema = EMA(self.params, tc.ema_decay) if tc.get("ema_decay") else None
+        self.stager = Stager(self.device)
+        self._pending: list = []
+        self._last_drain = None
+        self.graphed = None
+        if self.graph_mode:
+            self.graphed = GraphedStep(self.device_step, self._graph_state, self.opt)
         self.step = self.epoch = self.batch_in_epoch = self.nan_streak = 0
         self.smooth = None
         self.stop_requested = False
         self.writer = None
         self.metrics: dict = {}
+
+    def _graph_wanted(self) -> bool:
+        """train.cuda_graph: auto (on where it can be), true (refuse what it cannot do), false."""
+        tc, L = self.cfg.train, self.cfg.lora
+        want = tc.get("cuda_graph", "auto")
+        if want in (False, "false", None):
+            return False
+        why = []
+        if L.get("module_dropout", 0.0):
+            why.append("lora.module_dropout skips whole modules at random from the host")
+        if not self.cfg.optim.get("fused"):
+            why.append("optim.fused=false")
+        if why and want == "auto":
+            warnings.warn("training without a CUDA graph: " + "; ".join(why))
+            return False
+        if why:
+            raise ValueError("train.cuda_graph=true cannot be used here: " + "; ".join(why))
+        return True
+
+    def _graph_state(self) -> list[torch.Tensor]:
+        """Everything a step changes besides the optimizer's moments (snapshotted around the graph's warm-up)."""
+        return [*self.params, *self.scaler.tensors(), *(self.ema.shadow if self.ema else []),
+                *[g["lr"] for g in self.opt.param_groups if torch.is_tensor(g["lr"])]]
 
     # ------------------------------------------------------------------ data
     def _build_data(self):
@@ -178,74 +222,150 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------ one step
-    def _latents(self, batch) -> torch.Tensor:
+    def host_inputs(self, batch: dict) -> dict:
+        """What one micro-batch needs, drawn on the host from the run's generator in a fixed order (so
+        eager, graphed and resumed runs see the same numbers): the latents (or pixels and the posterior's
+        noise), the noise (+ offset), the timesteps and the text (embeddings, or token ids to encode)."""
+        tc = self.cfg.train
+        x = {}
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
-            z = mean + std * torch.randn(mean.shape, generator=self.gen)
-            return (z * self.sd.vae.config.scaling_factor).to(self.device)
-        with torch.no_grad(), autocast(self.device, self.precision):
-            x = batch["pixels"].to(self.device, self.sd.vae.dtype)
-            return self.sd.vae.encode_latents(x, generator=self.gen).float()
+            x["z0"] = (mean + std * torch.randn(mean.shape, generator=self.gen)) * self.sd.vae.config.scaling_factor
+            shape = tuple(mean.shape)
+        else:
+            px, f = batch["pixels"], self.sd.vae.scale_factor
+            if px.shape[2] % f or px.shape[3] % f:
+                raise ValueError(f"image size {tuple(px.shape[2:])} is not divisible by the VAE's factor {f}")
+            shape = (px.shape[0], self.sd.vae.config.latent_channels, px.shape[2] // f, px.shape[3] // f)
+            x["pixels"], x["vae_eps"] = px, torch.randn(shape, generator=self.gen)
+        x["noise"] = offset_noise(torch.randn(shape, generator=self.gen), tc.noise_offset, self.gen)
+        x["t"] = self.schedule.sample_timesteps(shape[0], self.gen)
+        if self.text_cache is not None:
+            x["ctx"] = self.text_cache(batch["caption"])
+        else:
+            x["ids"] = tokenize(self.sd.tokenizer, batch["caption"], tc.get("long_prompt", "truncate"))
+        if "n_instance" in batch:
+            x["n_instance"] = batch["n_instance"]
+        return x
 
-    def micro_loss(self, batch) -> torch.Tensor:
+    def micro_loss(self, x: dict) -> torch.Tensor:
+        """Device tensors of one micro-batch -> its loss; device work only (no host sync, no branch on values)."""
         tc = self.cfg.train
-        z0 = self._latents(batch)                                          # (B, 4, h, w) fp32
-        b = z0.shape[0]
-        noise = offset_noise(torch.randn(z0.shape, generator=self.gen), tc.noise_offset, self.gen).to(self.device)
-        t = self.schedule.sample_timesteps(b, self.gen, self.device)
+        if "z0" in x:
+            z0 = x["z0"]                                                   # (B, 4, h, w) fp32
+        else:
+            vae = self.sd.vae
+            with torch.no_grad(), autocast(self.device, self.precision):
+                post = vae.encode(x["pixels"].to(vae.dtype))
+                z = post.mean + torch.exp(0.5 * post.logvar) * x["vae_eps"].to(post.mean.dtype)
+                z0 = ((z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
+        noise, t = x["noise"], x["t"]
         zt = self.schedule.add_noise(z0, noise, t)
         target = self.schedule.target(z0, noise, t)
-        if self.text_cache is not None:
-            ctx = self.text_cache(batch["caption"]).to(self.device)
+        if "ctx" in x:
+            ctx = x["ctx"]
         else:
             with torch.set_grad_enabled(self.train_te), autocast(self.device, self.precision):
-                ctx = self._encode_text(batch["caption"])
+                ctx = encode_text(self.sd.text_encoder, x["ids"], tc.get("clip_skip", 1))
+        unet = self.sd.unet
         with autocast(self.device, self.precision):
-            pred = self.sd.unet(zt.to(self.sd.unet.dtype), t, ctx.to(self.sd.unet.dtype))
+            zin = zt.to(unet.dtype)
+            if self.channels_last:
+                zin = zin.contiguous(memory_format=torch.channels_last)
+            pred = unet(zin, t, ctx.to(unet.dtype))
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if tc.get("min_snr_gamma"):
-            per = per * self.schedule.min_snr_weights(t, tc.min_snr_gamma).to(per.device)
-        if "n_instance" in batch:
-            n = batch["n_instance"]
+            per = per * self.schedule.min_snr_weights(t, tc.min_snr_gamma)
+        if "n_instance" in x:
+            n = x["n_instance"]
             return per[:n].mean() + self.cfg.data.prior_loss_weight * per[n:].mean()
         return per.mean()
 
-    def optimizer_step(self) -> dict:
+    def device_step(self, inputs: dict) -> torch.Tensor:
+        """One optimizer step on the device: grad_accum micro-batches ("<i>.<name>" inputs), unscale, clip,
+        AdamW (skipped on device when a gradient is not finite), EMA, loss-scale update.
+        -> (4,) float tensor: mean loss, gradient norm, 1.0 if the step was skipped, the loss scale. Never waits for the host,
+        so the same function runs eagerly or recorded in a CUDA graph (training/graph_step.py)."""
         tc = self.cfg.train
+        accum = tc.grad_accum
+        grads = [p.grad for p in self.params]
+        torch._foreach_zero_(grads)
+        losses = []
+        for i in range(accum):
+            x = {k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(f"{i}.")}
+            loss = self.micro_loss(x)
+            losses.append(loss.detach().float())
+            self.scaler.scale_loss(loss / accum).backward()
+        loss = torch.stack(losses).mean()
+        self.scaler.unscale_grads(grads)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"), foreach=True)
+        found_inf = (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
+        if self.opt_skips_on_device:
+            self.opt.found_inf = found_inf
+            self.opt.step()
+        elif not bool(found_inf):                     # CPU / non-fused AdamW: decided on the host
+            self.opt.step()
+        if self.ema:
+            self.ema.update(weight=1.0 - found_inf)
+        self.scaler.update_(found_inf)
+        return torch.stack([loss, gnorm.float(), found_inf, self.scaler.scale_t.to(loss.device)])
+
+    def _set_lr(self) -> float:
+        o = self.cfg.optim
+        f = lr_factor(self.step, self.total_steps, o.schedule, o.warmup_steps, o.get("min_lr_ratio", 0.0))
         for g, base in zip(self.opt.param_groups, self.base_lrs):
-            g["lr"] = base * lr_factor(self.step, self.total_steps, self.cfg.optim.schedule,
-                                       self.cfg.optim.warmup_steps, self.cfg.optim.get("min_lr_ratio", 0.0))
-        self.opt.zero_grad(set_to_none=True)
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(base * f)               # a device write: the graph reads it
+            else:
+                g["lr"] = base * f
+        return self.base_lrs[0] * f
+
+    def launch_step(self) -> torch.Tensor:
+        """Prepare and enqueue one optimizer step without waiting for it. -> its statistics (device tensor)."""
+        lr = self._set_lr()
         self.sd.unet.train()
         if self.train_te:
             self.sd.text_encoder.train()
-        losses = []
-        for _ in range(tc.grad_accum):
-            loss = self.micro_loss(self._next_batch())
-            losses.append(loss.detach())
-            if torch.isfinite(loss):
-                self.scaler.scale_loss(loss / tc.grad_accum).backward()
-        loss = torch.stack(losses).mean().item()
-        finite = math.isfinite(loss) and self.scaler.unscale_(self.params)
-        gnorm = float("nan")
-        if finite:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf")))
-            finite = math.isfinite(gnorm)
-        self.scaler.update(finite)
-        if finite:
-            self.opt.step()
-            if self.ema:
-                self.ema.update()
-            self.nan_streak = 0
-        else:
-            self.nan_streak += 1
-            if self.nan_streak >= tc.max_nan_steps:
-                raise NaNLossError(
-                    f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient (last at step {self.step}); "
-                    f"stopping. Lower the learning rate, use bf16 instead of fp16, or check the data. "
-                    f"The last good state is in {self.run_dir / 'state'}.")
+        host = {}
+        for i in range(self.cfg.train.grad_accum):
+            host.update({f"{i}.{k}": v for k, v in self.host_inputs(self._next_batch()).items()})
+        static = {k: v for k, v in host.items() if not torch.is_tensor(v)}
+        inputs = {**self.stager({k: v for k, v in host.items() if torch.is_tensor(v)}), **static}
+        stats = self.graphed(inputs) if self.graphed is not None else self.device_step(inputs)
+        self._pending.append((self.step, lr, stats))
         self.step += 1
-        return {"loss": loss, "grad_norm": gnorm, "skipped": not finite, "lr": self.opt.param_groups[0]["lr"]}
+        return stats
+
+    def drain(self) -> list[dict]:
+        """Read the statistics of the enqueued steps (one wait for the device), apply the NaN rules, log."""
+        if not self._pending:
+            return []
+        vals = torch.stack([s for _, _, s in self._pending]).cpu().tolist()
+        now = time.perf_counter()
+        dt = (now - self._last_drain) / len(vals) if self._last_drain is not None else float("nan")
+        self._last_drain = now
+        records = []
+        for (step, lr, _), (loss, gnorm, skipped, scale) in zip(self._pending, vals):
+            records.append({"step": step + 1, "loss": loss, "grad_norm": gnorm, "skipped": bool(skipped), "lr": lr,
+                            "loss_scale": scale, "dt": dt})
+        self._pending = []
+        for rec in records:
+            self._log(rec)
+            if rec["skipped"]:
+                self.nan_streak += 1
+                if self.nan_streak >= self.cfg.train.max_nan_steps:
+                    raise NaNLossError(
+                        f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient (last at step "
+                        f"{rec['step'] - 1}); stopping. Lower the learning rate, use bf16 instead of fp16, or "
+                        f"check the data. The last good state is in {self.run_dir / 'state'}.")
+            else:
+                self.nan_streak = 0
+        return records
+
+    def optimizer_step(self) -> dict:
+        """One step, waited for: -> {"loss", "grad_norm", "skipped", "lr", "step"}."""
+        self.launch_step()
+        return self.drain()[-1]
 
     # ------------------------------------------------------------------ state
     def lora_tensors(self) -> dict[str, torch.Tensor]:
@@ -259,7 +379,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "nan_streak": self.nan_streak, "smooth": self.smooth if self.smooth is not None else float("nan"),
-                "lora": self.lora_tensors(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "lora": self.lora_tensors(), "optimizer": optimizer_state(self.opt), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else {}, "rng": rng_state(self.gen),
                 "config": OmegaConf.to_yaml(self.cfg)}
 
@@ -273,6 +393,7 @@ class Trainer:
             for k, p in named.items():
                 p.copy_(st["lora"][k])
         self.opt.load_state_dict(st["optimizer"])
+        set_capturable(self.opt, self.graph_mode)
         self.scaler.load_state_dict(st["scaler"])
         if self.ema and st["ema"]:
             self.ema.load_state_dict(st["ema"])
@@ -311,20 +432,20 @@ class Trainer:
         save_state(self.run_dir, self.state())
 
     # ------------------------------------------------------------------ the run
-    def _log(self, out: dict, dt: float) -> None:
+    def _log(self, rec: dict) -> None:
         tc = self.cfg.train
-        if not out["skipped"]:
-            self.smooth = out["loss"] if self.smooth is None else 0.98 * self.smooth + 0.02 * out["loss"]
+        if not rec["skipped"]:
+            self.smooth = rec["loss"] if self.smooth is None else 0.98 * self.smooth + 0.02 * rec["loss"]
         if self.writer is None:
             return
-        w, s = self.writer, self.step
-        w.add_scalar("train/loss", out["loss"], s)
+        w, s, dt = self.writer, rec["step"], rec["dt"]
+        w.add_scalar("train/loss", rec["loss"], s)
         if self.smooth is not None:
             w.add_scalar("train/loss_smooth", self.smooth, s)
-        w.add_scalar("train/lr", out["lr"], s)
-        w.add_scalar("train/grad_norm", out["grad_norm"], s)
-        w.add_scalar("train/loss_scale", self.scaler.scale, s)
-        w.add_scalar("train/skipped_steps", float(out["skipped"]), s)
+        w.add_scalar("train/lr", rec["lr"], s)
+        w.add_scalar("train/grad_norm", rec["grad_norm"], s)
+        w.add_scalar("train/loss_scale", rec["loss_scale"], s)
+        w.add_scalar("train/skipped_steps", float(rec["skipped"]), s)
         w.add_scalar("perf/s_per_step", dt, s)
         w.add_scalar("perf/images_per_s", tc.batch_size * tc.grad_accum / max(dt, 1e-9), s)
         if self.device.type == "cuda":
@@ -420,17 +541,22 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         status = "finished"
+        log_every = max(1, int(tc.get("log_every", 10)))
+        self._last_drain = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                out = self.optimizer_step()
-                dt = time.perf_counter() - t0
-                self._log(out, dt)
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", skipped=out["skipped"])
-                if tc.save_every_steps and self.step % tc.save_every_steps == 0 and self.step < self.total_steps:
+                self.launch_step()    # enqueued; the host reads results only every log_every steps
+                save = bool(tc.save_every_steps and self.step % tc.save_every_steps == 0
+                            and self.step < self.total_steps)
+                show = bool(cfg.preview.every_steps and self.step % cfg.preview.every_steps == 0)
+                halt = self.stop_requested or bool(tc.get("stop_after_steps") and self.step >= tc.stop_after_steps)
+                if len(self._pending) >= log_every or save or show or halt or self.step >= self.total_steps:
+                    for rec in self.drain():
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", skipped=rec["skipped"])
+                if save:
                     self.checkpoint()
-                if cfg.preview.every_steps and self.step % cfg.preview.every_steps == 0:
+                if show:
                     self.preview()
                 if self.stop_requested:
                     status = "interrupted"

@@ -26,12 +26,37 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int = 0, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """groups: [{"params": [...], "lr": ...}, ...]; cfg: optim config (betas, eps, weight_decay, fused)."""
+def build_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.optim.Optimizer:
+    """groups: [{"params": [...], "lr": ...}, ...]; cfg: optim config (betas, eps, weight_decay, fused).
+
+    On CUDA with `fused`, one kernel updates every parameter and a step whose gradients are not finite is
+    skipped on the device (`optimizer.found_inf`). `capturable` (for CUDA graphs) keeps the step counts and
+    the learning rates in device tensors; set_capturable() restores that after load_state_dict."""
     kw = dict(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.get("fused") and all(p.is_cuda for g in groups for p in g["params"]):
         kw["fused"] = True
-    return torch.optim.AdamW(groups, **kw)
+    elif capturable:
+        raise ValueError("CUDA graphs need the fused AdamW on CUDA: set optim.fused=true or train.cuda_graph=false")
+    opt = torch.optim.AdamW(groups, **kw)
+    set_capturable(opt, capturable)
+    return opt
+
+
+def set_capturable(opt: torch.optim.Optimizer, on: bool) -> None:
+    for g in opt.param_groups:
+        g["capturable"] = on
+        if on and not torch.is_tensor(g["lr"]):
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device)
+        elif not on and torch.is_tensor(g["lr"]):
+            g["lr"] = float(g["lr"])
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() with plain-number learning rates (a saved state loads into eager or graphed runs)."""
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["lr"] = float(g["lr"])
+    return sd
 
 
 class EMA:
@@ -44,8 +69,14 @@ class EMA:
         self.shadow = [p.detach().clone().float() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+    def update(self, weight: torch.Tensor | float = 1.0) -> None:
+        """weight: 1.0, or a device tensor that is 0.0 for a skipped step (then the average stays put)."""
+        if not torch.is_tensor(weight):
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], (1.0 - self.decay) * weight)
+            return
+        diff = torch._foreach_sub([p.detach().float() for p in self.params], self.shadow)
+        torch._foreach_mul_(diff, weight * (1.0 - self.decay))
+        torch._foreach_add_(self.shadow, diff)
 
     @torch.no_grad()
     def swap(self) -> None:

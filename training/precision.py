@@ -6,6 +6,10 @@ step; a step whose gradients hold inf/NaN is skipped and S halves; after `growth
 steps S doubles. bf16 and fp32 need no scaling (scale 1). The frozen base runs in half precision
 under autocast; the trained LoRA parameters stay fp32, so the optimizer never sees fp16 values
 (no "Attempting to unscale FP16 gradients").
+
+The scaler's state lives in device tensors and every update is a device operation, so a training
+step never waits for the GPU (and can be captured in a CUDA graph). `found_inf` is a float tensor,
+1.0 when the step must be skipped.
 """
 from __future__ import annotations
 
@@ -30,38 +34,54 @@ def autocast(device: torch.device, precision: str):
 
 class LossScaler:
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 2000,
-                 factor: float = 2.0, min_scale: float = 1.0):
+                 factor: float = 2.0, min_scale: float = 1.0, device=None):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
         self.growth_interval, self.factor, self.min_scale = growth_interval, factor, min_scale
-        self.clean_steps = 0
+        self.scale_t = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self.clean_t = torch.zeros((), dtype=torch.float32, device=device)
+
+    @property
+    def scale(self) -> float:
+        return float(self.scale_t)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale if self.enabled else loss
+        return loss * self.scale_t if self.enabled else loss
+
+    @torch.no_grad()
+    def unscale_grads(self, grads: list[torch.Tensor]) -> None:
+        if self.enabled and grads:
+            torch._foreach_mul_(grads, (1.0 / self.scale_t).to(grads[0].device))
 
     @torch.no_grad()
     def unscale_(self, params: list[torch.Tensor]) -> bool:
-        """Divide the gradients by the scale in place; True when all of them are finite."""
+        """Divide the gradients by the scale in place; True when all of them are finite (waits for the device)."""
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return True
-        if self.enabled:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
+        self.unscale_grads(grads)
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
-    def update(self, finite: bool) -> None:
+    @torch.no_grad()
+    def update_(self, found_inf: torch.Tensor) -> None:
+        """Device-side update: halve on overflow (not below min_scale), double after growth_interval clean steps."""
         if not self.enabled:
             return
-        if not finite:
-            self.scale = max(self.scale / self.factor, self.min_scale)
-            self.clean_steps = 0
-        else:
-            self.clean_steps += 1
-            if self.clean_steps % self.growth_interval == 0:
-                self.scale *= self.factor
+        found = found_inf.to(self.scale_t.device, torch.float32)
+        self.clean_t.add_(1.0).mul_(1.0 - found)                  # clean steps in a row
+        grow = (self.clean_t >= self.growth_interval).float()
+        self.scale_t.mul_(found / self.factor + (1.0 - found) * (1.0 + grow * (self.factor - 1.0)))
+        self.scale_t.clamp_(min=self.min_scale)
+        self.clean_t.mul_(1.0 - grow)
+
+    def update(self, finite: bool) -> None:
+        self.update_(torch.tensor(0.0 if finite else 1.0))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.scale_t, self.clean_t]
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"scale": float(self.scale_t), "clean_steps": int(self.clean_t)}
 
     def load_state_dict(self, d: dict) -> None:
-        self.scale, self.clean_steps = float(d["scale"]), int(d["clean_steps"])
+        self.scale_t.fill_(float(d["scale"]))
+        self.clean_t.fill_(float(d["clean_steps"]) % self.growth_interval)

@@ -1,0 +1,108 @@
+"""Run the benchmark jobs, each in its own process (clean peak-memory counters), and print the table.
+
+    python -m experiments.bench.run_all [--out DIR] [--only report,sampling] [--root /tmp/bench]
+
+Each job prints `RESULT {json}`; all results go to DIR/results.json and DIR/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+JOBS = [  # (module, config, part, mode)
+    ("ours", "report", "unet", "eager"), ("ours", "report", "unet", "graph"),
+    ("baseline_diffusers", "report", "unet", "eager"), ("baseline_diffusers", "report", "unet", "compile"),
+    ("ours", "report", "full", "graph"), ("ours", "report", "full", "eager"),
+    ("baseline_diffusers", "report", "full", "eager"),
+    ("ours", "seed000", "unet", "graph"), ("baseline_diffusers", "seed000", "unet", "eager"),
+    ("ours", "seed000_ckpt", "unet", "graph"), ("baseline_diffusers", "seed000_ckpt", "unet", "eager"),
+    ("ours", "b8_bf16", "unet", "eager"), ("ours", "b8_bf16", "unet", "graph"),
+    ("baseline_diffusers", "b8_bf16", "unet", "eager"),
+    ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("baseline_diffusers", "sampling", "-", "-"),
+]
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """The GPU's measured bf16 matmul throughput (random operands), the denominator of utilisation."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def table(results: list[dict], peak: float) -> str:
+    rows = ["| config | part | impl | mode | s/step (s/image) | images/s | peak alloc GiB | peak reserved GiB | note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | failed | | | | {r['error'][:80]} |")
+            continue
+        t = r.get("s_per_step", r.get("s_per_image"))
+        note = ""
+        if r.get("flops_per_step"):
+            note = f"{r['flops_per_step'] / 1e12:.2f} TFLOP/step"
+        rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | {t:.4f} | "
+                    f"{r.get('images_per_s', 1 / t):.1f} | {r['peak_alloc_gib']:.2f} | "
+                    f"{r.get('peak_reserved_gib', float('nan')):.2f} | {note} |")
+    return "\n".join(rows) + f"\n\nbf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--root", default="/tmp/bench")
+    ap.add_argument("--timeout", type=int, default=300)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = set(a.only.split(",")) - {""}
+    from experiments.bench.world import image_folder, sd15_folder
+    t = time.time()
+    sd15_folder(Path(a.root)), image_folder(Path(a.root))
+    print(f"world ready in {time.time() - t:.0f} s", flush=True)
+    peak = matmul_tflops()
+    results = []
+    for mod, cfg, part, mode in JOBS:
+        if only and cfg not in only and f"{mod}:{cfg}:{part}:{mode}" not in only:
+            continue
+        cmd = [sys.executable, "-m", f"experiments.bench.{mod}", cfg, part, mode, a.root]
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if lines:
+                r = json.loads(lines[-1][7:])
+            else:
+                r = {"impl": mod, "config": cfg, "part": part, "mode": mode, "error": p.stderr.strip()[-1500:]}
+        except subprocess.TimeoutExpired:
+            r = {"impl": mod, "config": cfg, "part": part, "mode": mode, "error": f"timeout {a.timeout}s"}
+        r["wall_s"] = time.time() - t
+        results.append(r)
+        print(json.dumps(r)[:600], flush=True)
+        (out / "results.json").write_text(json.dumps({"date": datetime.datetime.now().isoformat(),
+                                                      "device": torch.cuda.get_device_name(),
+                                                      "torch": torch.__version__, "matmul_bf16_tflops": peak,
+                                                      "results": results}, indent=2))
+    md = table(results, peak)
+    (out / "table.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""CUDA graphs: record a function's kernels once, replay them with one launch.
+
+A Stable Diffusion UNet step is thousands of small kernels; launched one by one from Python, an
+H100 waits on the CPU for most of the step. A graph replays the whole recorded sequence (PyTorch's
+"whole network capture", docs: notes/cuda.html#cuda-graphs). The recorded function must read its
+inputs from fixed ("static") tensors, never sync with the host, and never branch on tensor values;
+what it returns lives in the graph's memory and is overwritten by the next replay.
+
+`capture` is the generic recorder (warm-up on a side stream, optional state restore, capture);
+`GraphedUNet` wraps a UNet for sampling: one graph per input shape and LoRA state.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def capture(fn: Callable[[], object], warmup: int = 2, restore: Callable[[], None] | None = None,
+            pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run `fn` `warmup` times on a side stream (kernel selection, lazy allocations, compilation),
+    call `restore` (undo what the warm-up runs changed), then record one call. -> (graph, its output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    if restore is not None:
+        restore()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def lora_signature(module: nn.Module) -> tuple:
+    """What a recorded LoRA forward depends on besides tensor values: enabled, multiplier, merged."""
+    from lora.layers import LoRALayer
+    sig = []
+    for m in module.modules():
+        if isinstance(m, LoRALayer):
+            sig.append((tuple(sorted(m.merged)),
+                        tuple((n, a.enabled, a.multiplier) for n, a in m.lora.items())))
+    return tuple(sig)
+
+
+class GraphedUNet:
+    """`unet(x, t, ctx, added_cond)` for inference, replayed from CUDA graphs (one per shape and LoRA state).
+
+    Tensor values (weights, trained LoRA parameters, inputs) may change between calls: the graph reads
+    them from the same memory. Changing a LoRA's multiplier, enabling or merging it records a new graph.
+    """
+
+    def __init__(self, unet: nn.Module, max_graphs: int = 4):
+        self.unet, self.max_graphs = unet, max_graphs
+        self.graphs: OrderedDict = OrderedDict()
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, added_cond: dict | None = None):
+        if added_cond is not None or torch.is_grad_enabled():
+            return self.unet(x, t, ctx, added_cond)
+        t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
+        key = (tuple(x.shape), x.dtype, tuple(ctx.shape), ctx.dtype, t.dtype,
+               torch.is_autocast_enabled("cuda"), lora_signature(self.unet))
+        if key not in self.graphs:
+            static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone()}
+            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]))
+            self.graphs[key] = (graph, static, out)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, out = self.graphs[key]
+        static["x"].copy_(x)
+        if t.device.type == "cpu":  # the samplers' timestep: a host number, written without waiting
+            tv = t.reshape(-1)
+            if bool((tv == tv[0]).all()):
+                static["t"].fill_(tv[0].item())
+            else:
+                static["t"].copy_(tv.pin_memory(), non_blocking=True)
+        else:
+            static["t"].copy_(t)
+        static["ctx"].copy_(ctx)
+        graph.replay()
+        return out.clone()
+
+
+def graphed_unet(unet: nn.Module) -> GraphedUNet:
+    """The module's own GraphedUNet (kept on it, so graphs are reused across calls)."""
+    g = unet.__dict__.get("_graphed")
+    if g is None:
+        g = unet.__dict__["_graphed"] = GraphedUNet(unet)
+    return g

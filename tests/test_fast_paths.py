@@ -1,0 +1,110 @@
+"""The speed switches give the eager step's numbers: no host sync path, logging every k steps,
+channels_last, torch.compile (CPU), and on a GPU the CUDA-graphed training step and sampler."""
+import pytest
+import torch
+from test_train import lora_file, make_cfg, tiny_data  # noqa: F401  (tiny_data is a fixture)
+
+from training.loop import Trainer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+def _losses(folder, data, run, *extra):
+    tr = Trainer(make_cfg(folder, data, run, *extra))
+    out = [tr.optimizer_step() for _ in range(4)]
+    return tr, [r["loss"] for r in out], [p.detach().clone() for p in tr.params]
+
+
+def _close(a, b, tol):
+    return all(torch.allclose(x, y, rtol=tol, atol=tol) for x, y in zip(a, b))
+
+
+def test_enqueued_steps_log_the_same_as_waited_steps(tiny_diffusers_folder, tiny_data, tmp_path):
+    tr, losses, params = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
+    tr2 = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "b"))
+    for _ in range(4):
+        tr2.launch_step()
+    recs = tr2.drain()   # one read for four steps
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["loss"] for r in recs] == losses
+    assert all(torch.equal(a, b) for a, b in zip(params, tr2.params))
+    assert losses[0] != losses[-1] and tr2.nan_streak == 0
+
+
+def test_channels_last_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
+    _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
+    _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.channels_last=true")
+    assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-5)
+    assert l1[0] != l1[-1]  # it trained
+
+
+def test_compiled_unet_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
+    # LoRA dropout off: compiled code draws its dropout masks from its own random stream.
+    _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a", "lora.dropout=0")
+    try:
+        _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "lora.dropout=0", "train.compile=true")
+    except Exception as e:  # inductor needs a C++ compiler on the CPU
+        if "compiler" in str(e).lower() or "InvalidCxxCompiler" in type(e).__name__:
+            pytest.skip(f"torch.compile unavailable here: {e}")
+        raise
+    assert l1 == pytest.approx(l2, rel=1e-4) and _close(p1, p2, 1e-4)
+
+
+def test_ema_skips_with_the_step():
+    from training.optim import EMA
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = EMA([p], 0.5)
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update(weight=torch.tensor(0.0))
+    assert torch.equal(ema.shadow[0], torch.ones(3))
+    ema.update(weight=torch.tensor(1.0))
+    assert torch.equal(ema.shadow[0], torch.full((3,), 2.0))
+
+
+def test_loss_scaler_update_on_the_device_matches_the_rules():
+    from training.precision import LossScaler
+    s = LossScaler(True, init_scale=8.0, growth_interval=3, min_scale=2.0)
+    seq = [0, 0, 0, 1, 1, 1, 0, 0, 0]   # found_inf per step
+    want = [8, 8, 16, 8, 4, 2, 2, 2, 4]
+    got = []
+    for f in seq:
+        s.update_(torch.tensor(float(f)))
+        got.append(s.scale)
+    assert got == want
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path, precision):
+    common = ["device=cuda", f"train.precision={precision}", "train.cudnn_benchmark=false", "train.grad_accum=2",
+              "lora.dropout=0",
+              "train.ema_decay=0.9", "optim.schedule=cosine", "optim.warmup_steps=2", "train.min_snr_gamma=5.0"]
+    _, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common, "train.cuda_graph=false")
+    tr, lg, pg = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common, "train.cuda_graph=true")
+    assert tr.graphed is not None and len(tr.graphed.graphs) >= 1
+    assert le == pytest.approx(lg, rel=1e-5), (le, lg)
+    assert _close(pe, pg, 1e-5)
+
+
+@cuda
+def test_cuda_graph_uncached_and_resume_exact(tiny_diffusers_folder, tiny_data, tmp_path):
+    common = ["device=cuda", "train.precision=fp16", "lora.dropout=0.1", "train.max_steps=6",
+              "train.cache_latents=false", "train.cache_text=false", "train.num_workers=0", "train.cuda_graph=true"]
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "full", *common)).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common, "train.stop_after_steps=3")).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common, f"resume={tmp_path / 'part'}")).run()
+    a, b = lora_file(tmp_path / "full"), lora_file(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@cuda
+def test_graphed_sampling_equals_eager(tiny_diffusers_folder):
+    from models.load import load_model
+    from models.pipeline import generate
+    sd = load_model(tiny_diffusers_folder, device="cuda")
+    kw = dict(steps=6, guidance_scale=5.0, seed=3, num_images=2, height=32, width=32)
+    a = generate(sd, "a photo", "blurry", cuda_graph=False, **kw)
+    b = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)
+    c = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)  # replayed from the kept graph
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(b, c)
