@@ -100,13 +100,24 @@ def attach_latent_cache(ds, cache: LatentCache) -> None:
 class TextCache:
     """caption -> encoder output (77*k, D) on the CPU, computed on first use.
 
-    Each caption is encoded alone: a batched encode differs in the last bits with the batch's
-    make-up, which would make a resumed run (whose batches fill the cache in another order)
-    drift from an uninterrupted one.
+    A caption met during training is encoded alone: a batched encode differs in the last bits with
+    the batch's make-up, which would make a resumed run (whose batches fill the cache in another
+    order) drift from an uninterrupted one. `fill` encodes the captions known up front in batches,
+    in a fixed order at start-up, which is the same for a resumed run.
     """
 
     def __init__(self, encode):
         self.encode, self.memory = encode, {}
+
+    def fill(self, captions, batch_size: int = 32) -> int:
+        """Encode the captions known before training, in batches (run at start-up, always in the same order, so
+        a resumed run gets the same embeddings); -> how many were encoded. The step then never waits for them."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self.memory]
+        for k in range(0, len(todo), batch_size):
+            chunk = todo[k:k + batch_size]
+            for c, e in zip(chunk, self.encode(chunk)):
+                self.memory[c] = e.clone()
+        return len(todo)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         for c in dict.fromkeys(captions):

@@ -24,6 +24,7 @@ class GraphedStep:
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
+        self.failed: str | None = None   # why recording failed (then every step runs eagerly)
 
     @staticmethod
     def key(inputs: dict) -> tuple:
@@ -53,11 +54,20 @@ class GraphedStep:
     def __call__(self, inputs: dict) -> torch.Tensor:
         """Replay the graph recorded for these (static) inputs; -> a copy of the step's statistics."""
         k = self.key(inputs)
+        if self.failed:
+            return self.step_fn(inputs)
         if k not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 warnings.warn(f"more than {self.max_graphs} input shapes: this step runs without a CUDA graph")
                 return self.step_fn(inputs)
-            self.graphs[k] = self._record(inputs)
+            try:
+                self.graphs[k] = self._record(inputs)
+            except RuntimeError as e:  # an op that cannot be recorded: keep training, eagerly, and say so
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(f"recording the training step as a CUDA graph failed; continuing without one "
+                              f"(set train.cuda_graph=false to skip the attempt): {self.failed[:500]}")
+                torch.cuda.synchronize()
+                return self.step_fn(inputs)
         graph, out = self.graphs[k]
         graph.replay()
         return out.clone()

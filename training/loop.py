@@ -180,6 +180,12 @@ class Trainer:
         self.text_cache = None
         if tc.cache_text and not self.train_te:
             self.text_cache = TextCache(lambda caps: self._encode_text(caps).cpu())
+            if not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0):  # captions fixed up front
+                known = [self.ds.caption_for(i) for i in range(len(self.ds))]
+                if self.prior is not None:
+                    known.append(d.class_prompt)
+                with torch.no_grad():
+                    self.text_cache.fill(known)
         self.plan = self.ds.batch_plan(tc.batch_size, drop_last=False)
         self.batches_per_epoch = len(self.plan)
         self.steps_per_epoch = max(1, self.batches_per_epoch // tc.grad_accum)
@@ -303,6 +309,7 @@ class Trainer:
         if self.opt_skips_on_device:
             self.opt.found_inf = found_inf
             self.opt.step()
+            self.opt.found_inf = None  # nothing recorded in a graph may stay referenced from outside it
         elif not bool(found_inf):                     # CPU / non-fused AdamW: decided on the host
             self.opt.step()
         if self.ema:
@@ -323,8 +330,9 @@ class Trainer:
     def launch_step(self) -> torch.Tensor:
         """Prepare and enqueue one optimizer step without waiting for it. -> its statistics (device tensor)."""
         lr = self._set_lr()
-        self.sd.unet.train()
-        if self.train_te:
+        if not self.sd.unet.training:  # (a preview switched it to eval; train() walks every module)
+            self.sd.unet.train()
+        if self.train_te and not self.sd.text_encoder.training:
             self.sd.text_encoder.train()
         host = {}
         for i in range(self.cfg.train.grad_accum):

@@ -35,7 +35,9 @@ def build_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.
     kw = dict(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.get("fused") and all(p.is_cuda for g in groups for p in g["params"]):
         kw["fused"] = True
-    elif capturable:
+    elif not capturable:
+        kw["foreach"] = True  # one C++ loop over the tensors (also on a CPU)
+    else:
         raise ValueError("CUDA graphs need the fused AdamW on CUDA: set optim.fused=true or train.cuda_graph=false")
     opt = torch.optim.AdamW(groups, **kw)
     set_capturable(opt, capturable)

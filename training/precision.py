@@ -29,7 +29,9 @@ def precision_dtype(name: str) -> torch.dtype:
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision_dtype(precision))
+    # No cast cache: each LoRA weight is used once per forward anyway, and a cache that outlives a
+    # CUDA-graph capture would point into the graph's memory.
+    return torch.autocast(device_type=device.type, dtype=precision_dtype(precision), cache_enabled=False)
 
 
 class LossScaler:

@@ -17,3 +17,39 @@ CONFIGS = {
 }
 DROPOUT = 0.1
 LR = 1e-4
+
+
+def world(root, tiny: bool) -> dict:
+    """Where a job runs: the SD1.5-size random model on the GPU at 512x512, or (--tiny) the bundled tiny
+    world on the CPU at 64x64 in fp32 (a CPU has no fast fp16)."""
+    from pathlib import Path
+
+    from experiments.bench.world import image_folder, sd15_folder
+    if tiny:
+        assets = Path(__file__).resolve().parents[2] / "assets"
+        return {"device": "cpu", "model": assets / "tiny-sd15", "data": assets / "tiny-world" / "subject",
+                "resolution": 64, "precision": "fp32", "warm": 2, "steps": 10, "sample_dtype": "fp32"}
+    return {"device": "cuda", "model": sd15_folder(Path(root)), "data": image_folder(Path(root)), "resolution": 512,
+            "precision": None, "warm": 4, "steps": 30, "sample_dtype": "fp16"}
+
+
+def sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> dict:
+    import torch
+    if device != "cuda":
+        import resource
+        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30}
+
+
+def reset_peak(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()

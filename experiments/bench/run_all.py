@@ -1,6 +1,7 @@
 """Run the benchmark jobs, each in its own process (clean peak-memory counters), and print the table.
 
     python -m experiments.bench.run_all [--out DIR] [--only report,sampling] [--root /tmp/bench]
+    python -m experiments.bench.run_all --tiny        # the bundled tiny world on the CPU
 
 Each job prints `RESULT {json}`; all results go to DIR/results.json and DIR/table.md.
 """
@@ -16,16 +17,21 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+TINY_JOBS = [("ours", "report", "unet", "eager"), ("diffusers", "report", "unet", "eager"),
+             ("ours", "report", "full", "eager"), ("diffusers", "report", "full", "eager"),
+             ("ours", "seed000", "unet", "eager"), ("diffusers", "seed000", "unet", "eager"),
+             ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-")]
 JOBS = [  # (module, config, part, mode)
     ("ours", "report", "unet", "eager"), ("ours", "report", "unet", "graph"),
-    ("baseline_diffusers", "report", "unet", "eager"), ("baseline_diffusers", "report", "unet", "compile"),
+    ("diffusers", "report", "unet", "eager"), ("diffusers", "report", "unet", "compile"),
     ("ours", "report", "full", "graph"), ("ours", "report", "full", "eager"),
-    ("baseline_diffusers", "report", "full", "eager"),
-    ("ours", "seed000", "unet", "graph"), ("baseline_diffusers", "seed000", "unet", "eager"),
-    ("ours", "seed000_ckpt", "unet", "graph"), ("baseline_diffusers", "seed000_ckpt", "unet", "eager"),
+    ("diffusers", "report", "full", "eager"),
+    ("ours", "seed000", "unet", "graph"), ("diffusers", "seed000", "unet", "eager"),
+    ("ours", "seed000_ckpt", "unet", "graph"), ("diffusers", "seed000_ckpt", "unet", "eager"),
     ("ours", "b8_bf16", "unet", "eager"), ("ours", "b8_bf16", "unet", "graph"),
-    ("baseline_diffusers", "b8_bf16", "unet", "eager"),
-    ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("baseline_diffusers", "sampling", "-", "-"),
+    ("diffusers", "b8_bf16", "unet", "eager"),
+    ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-"),
 ]
 
 
@@ -46,20 +52,28 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
 
 
 def table(results: list[dict], peak: float) -> str:
-    rows = ["| config | part | impl | mode | s/step (s/image) | images/s | peak alloc GiB | peak reserved GiB | note |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| config | part | impl | mode | s/step (s/image) | images/s | peak GiB (alloc / reserved; CPU: RSS) | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    flops = {r["config"]: r["flops_per_step"] for r in results if r.get("flops_per_step")}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | failed | | | | {r['error'][:80]} |")
+            rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | failed | | | {r['error'][-80:]} |")
             continue
         t = r.get("s_per_step", r.get("s_per_image"))
         note = ""
-        if r.get("flops_per_step"):
-            note = f"{r['flops_per_step'] / 1e12:.2f} TFLOP/step"
+        f = flops.get(r["config"])
+        if f and "s_per_step" in r:  # both implementations compute the same model FLOPs; ours counted them
+            f = flops[r["config"]]
+            note = f"{f / 1e12:.2f} TFLOP/step, {f / r['s_per_step'] / 1e12:.0f} TFLOP/s"
+            if peak:
+                note += f" = {100 * f / r['s_per_step'] / 1e12 / peak:.0f}% of bf16 matmul"
+        mem = (f"{r['peak_alloc_gib']:.2f} / {r.get('peak_reserved_gib', float('nan')):.2f}" if "peak_alloc_gib" in r
+               else f"{r.get('peak_rss_gib', float('nan')):.2f}")
+        if r.get("graph_failed"):
+            note += " graph failed: " + r["graph_failed"][:60]
         rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | {t:.4f} | "
-                    f"{r.get('images_per_s', 1 / t):.1f} | {r['peak_alloc_gib']:.2f} | "
-                    f"{r.get('peak_reserved_gib', float('nan')):.2f} | {note} |")
-    return "\n".join(rows) + f"\n\nbf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s\n"
+                    f"{r.get('images_per_s', 1 / t):.1f} | {mem} | {note} |")
+    return "\n".join(rows) + (f"\n\nbf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s\n" if peak else "\n")
 
 
 def main():
@@ -68,23 +82,26 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--root", default="/tmp/bench")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--tiny", action="store_true", help="the bundled tiny world on the CPU")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(",")) - {""}
-    from experiments.bench.world import image_folder, sd15_folder
     t = time.time()
-    sd15_folder(Path(a.root)), image_folder(Path(a.root))
+    if not a.tiny:
+        from experiments.bench.world import image_folder, sd15_folder
+        sd15_folder(Path(a.root)), image_folder(Path(a.root))
     print(f"world ready in {time.time() - t:.0f} s", flush=True)
-    peak = matmul_tflops()
+    peak = matmul_tflops() if not a.tiny else None
     results = []
-    for mod, cfg, part, mode in JOBS:
+    for mod, cfg, part, mode in (TINY_JOBS if a.tiny else JOBS):
         if only and cfg not in only and f"{mod}:{cfg}:{part}:{mode}" not in only:
             continue
-        cmd = [sys.executable, "-m", f"experiments.bench.{mod}", cfg, part, mode, a.root]
+        script = ["-m", "experiments.bench.ours"] if mod == "ours" else [str(ROOT / "tests" / "diffusers_baseline.py")]
+        cmd = [sys.executable, *script, cfg, part, mode, a.root] + (["--tiny"] if a.tiny else [])
         t = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if lines:
                 r = json.loads(lines[-1][7:])
@@ -96,7 +113,7 @@ def main():
         results.append(r)
         print(json.dumps(r)[:600], flush=True)
         (out / "results.json").write_text(json.dumps({"date": datetime.datetime.now().isoformat(),
-                                                      "device": torch.cuda.get_device_name(),
+                                                      "device": "cpu" if a.tiny else torch.cuda.get_device_name(),
                                                       "torch": torch.__version__, "matmul_bf16_tflops": peak,
                                                       "results": results}, indent=2))
     md = table(results, peak)

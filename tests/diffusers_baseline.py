@@ -1,7 +1,10 @@
-"""The baseline: diffusers + peft as diffusers' train_text_to_image_lora.py trains (fp16/bf16 weights,
-LoRA parameters cast to fp32, autocast, GradScaler for fp16, AdamW, clip 1.0, the loss read every step
-for logging), and StableDiffusionPipeline for sampling. Measurement code only: the framework itself
-never imports diffusers or peft. `python -m experiments.bench.baseline_diffusers CONFIG PART MODE`."""
+"""The benchmark's baseline: diffusers + peft as diffusers' train_text_to_image_lora.py trains (fp16/bf16
+weights, LoRA parameters cast to fp32, autocast, GradScaler for fp16, AdamW, clip 1.0, the loss read
+every step for logging), and StableDiffusionPipeline for sampling.
+
+It lives in tests/ because diffusers and peft are oracles here: nothing outside tests/ imports them.
+experiments/bench/run_all.py runs it as `python tests/diffusers_baseline.py CONFIG PART MODE [ROOT] [--tiny]`.
+"""
 from __future__ import annotations
 
 import json
@@ -9,21 +12,23 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
-from experiments.bench.configs import CONFIGS, DROPOUT, LR
-from experiments.bench.world import CAPTIONS, sd15_folder
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from experiments.bench.configs import CONFIGS, DROPOUT, LR, peak_memory, reset_peak, sync, world  # noqa: E402
+from experiments.bench.world import CAPTIONS  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load(folder: Path, dtype):
+def load(folder: Path, dtype, device):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).cuda()
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).cuda()
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).cuda()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     for m in (unet, vae, te):
         m.requires_grad_(False)
@@ -40,12 +45,13 @@ def add_lora(unet, c: dict, dropout: float, fp32: bool = True):
     return params
 
 
-def measure(name: str, part: str, mode: str, root: Path, warm: int = 4, steps: int = 30) -> dict:
+def measure(name: str, part: str, mode: str, w: dict) -> dict:
     from diffusers import DDPMScheduler
     c = CONFIGS[name]
-    dtype, b = DT[c["precision"]], c["batch"]
-    folder = sd15_folder(root)
-    unet, vae, te, tok = load(folder, dtype)
+    dev, precision, b = w["device"], w["precision"] or c["precision"], c["batch"]
+    dtype = DT.get(precision, torch.float32)
+    folder, res = w["model"], w["resolution"]
+    unet, vae, te, tok = load(folder, dtype, dev)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     params = add_lora(unet, c, DROPOUT)
     if c["ckpt"]:
@@ -53,16 +59,15 @@ def measure(name: str, part: str, mode: str, root: Path, warm: int = 4, steps: i
     unet.train()
     model = torch.compile(unet) if mode == "compile" else unet
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    scaler = torch.amp.GradScaler("cuda", enabled=c["precision"] == "fp16")
-    g = torch.Generator("cuda").manual_seed(0)
-    pixels = torch.rand((b, 3, 512, 512), generator=g, device="cuda").mul(2).sub(1).to(dtype)
+    scaler = torch.amp.GradScaler(dev, enabled=precision == "fp16")
+    g = torch.Generator(dev).manual_seed(0)
+    pixels = torch.rand((b, 3, res, res), generator=g, device=dev).mul(2).sub(1).to(dtype)
     ids = tok([CAPTIONS[i % len(CAPTIONS)] for i in range(b)], padding="max_length", max_length=77,
-              truncation=True, return_tensors="pt").input_ids.cuda()
+              truncation=True, return_tensors="pt").input_ids.to(dev)
     with torch.no_grad():
         lat_cached = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         enc_cached = te(ids, return_dict=False)[0]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(dev)
 
     def step():
         if part == "full":
@@ -72,9 +77,9 @@ def measure(name: str, part: str, mode: str, root: Path, warm: int = 4, steps: i
         else:
             latents, enc = lat_cached, enc_cached
         noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device="cuda").long()
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev).long()
         noisy = sched.add_noise(latents, noise, t)
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(dev, dtype=dtype, enabled=precision != "fp32"):
             pred = model(noisy, t, enc, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         scaler.scale(loss).backward()
@@ -85,54 +90,51 @@ def measure(name: str, part: str, mode: str, root: Path, warm: int = 4, steps: i
         opt.zero_grad(set_to_none=True)
         return loss.detach().item()   # the script logs the gathered loss every step
     t_first = time.perf_counter()
-    for _ in range(warm):
+    for _ in range(w["warm"]):
         step()
-    torch.cuda.synchronize()
+    sync(dev)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(w["steps"]):
         loss = step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    return {"impl": "diffusers+peft", "config": name, "part": part, "mode": mode, "s_per_step": dt,
-            "images_per_s": b / dt, "warmup_s": t0 - t_first,
-            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30, "last_loss": loss,
+    sync(dev)
+    dt = (time.perf_counter() - t0) / w["steps"]
+    return {"impl": "diffusers+peft", "config": name, "part": part, "mode": mode, "device": dev, "s_per_step": dt,
+            "images_per_s": b / dt, "warmup_s": t0 - t_first, **peak_memory(dev), "last_loss": loss,
             "lora_params": sum(p.numel() for p in params)}
 
 
-def sample(root: Path, steps: int = 50, guidance: float = 7.5, repeats: int = 3) -> dict:
+def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    folder = sd15_folder(root)
-    unet, vae, te, tok = load(folder, torch.float16)
+    folder, dev = w["model"], w["device"]
+    unet, vae, te, tok = load(folder, DT.get(w["sample_dtype"], torch.float32), dev)
     add_lora(unet, CONFIGS["report"], 0.0, fp32=False)  # as load_lora_weights leaves it: fp16, not fused
     unet.eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(dev)
+    size = w["resolution"]
 
     def one(seed):
         return pipe(CAPTIONS[0], negative_prompt="blurry, distorted face", num_inference_steps=steps,
-                    guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+                    guidance_scale=guidance, height=size, width=size,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     one(0)
     times = []
     for r in range(repeats):
-        torch.cuda.synchronize()
+        sync(dev)
         t0 = time.perf_counter()
         one(r + 1)
-        torch.cuda.synchronize()
+        sync(dev)
         times.append(time.perf_counter() - t0)
     times.sort()
-    return {"impl": "diffusers+peft", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_512",
-            "mode": "eager", "s_per_image": times[len(times) // 2],
-            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    return {"impl": "diffusers+peft", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}",
+            "mode": "eager", "device": dev, "s_per_image": times[len(times) // 2], **peak_memory(dev)}
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("/tmp/bench")
-    if sys.argv[1] == "sampling":
-        res = sample(root)
-    else:
-        res = measure(sys.argv[1], sys.argv[2], sys.argv[3], root)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv)
+    res = sample(w) if args[0] == "sampling" else measure(args[0], args[1], args[2], w)
     print("RESULT " + json.dumps(res), flush=True)
