@@ -31,6 +31,7 @@ def capture(fn: Callable[[], object], warmup: int = 2, restore: Callable[[], Non
     if restore is not None:
         restore()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the warm-up's blocks belong to the side stream: give them back before recording
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
@@ -72,7 +73,7 @@ class GraphedUNet:
             return self.unet(x, t, ctx, added_cond)
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
         key = (tuple(x.shape), x.dtype, tuple(ctx.shape), ctx.dtype, t.dtype,
-               torch.is_autocast_enabled("cuda"), lora_signature(self.unet))
+               torch.is_autocast_enabled("cuda"), self.unet.training, lora_signature(self.unet))
         if key not in self.graphs:
             static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone()}
             graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]))

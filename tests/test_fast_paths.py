@@ -31,6 +31,32 @@ def test_enqueued_steps_log_the_same_as_waited_steps(tiny_diffusers_folder, tiny
     assert losses[0] != losses[-1] and tr2.nan_streak == 0
 
 
+def test_the_step_never_reads_a_tensor_on_the_host(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
+    """What makes the step capturable and keeps the GPU busy: no .item(), bool(), float() or tolist() in it.
+    A NaN step is still skipped (inside the fused AdamW) and counted when the host reads the statistics."""
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.precision=fp32",
+                          "train.ema_decay=0.9", "train.grad_accum=2", "train.max_nan_steps=2"))
+    assert tr.opt_skips_on_device
+    host = {}
+    for i in range(2):
+        host.update({f"{i}.{k}": v for k, v in tr.host_inputs(tr._next_batch()).items()})
+
+    def boom(*a, **k):
+        raise AssertionError("the step read a tensor value on the host")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    stats = tr.device_step(host)
+    before = [p.detach().clone() for p in tr.params]
+    ema_before = [s.clone() for s in tr.ema.shadow]
+    real = tr.micro_loss
+    monkeypatch.setattr(tr, "micro_loss", lambda x: real(x) * float("nan"))
+    bad = tr.device_step(host)
+    monkeypatch.undo()
+    assert stats[2] == 0 and bad[2] == 1 and torch.isnan(bad[0])
+    assert all(torch.equal(a, p) for a, p in zip(before, tr.params))  # the NaN step changed nothing
+    assert all(torch.equal(a, s) for a, s in zip(ema_before, tr.ema.shadow))  # and the EMA stayed put
+
+
 def test_channels_last_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
     _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
     _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.channels_last=true")

@@ -45,7 +45,6 @@ class GraphedStep:
                         if torch.is_tensor(v):  # moments born in the warm-up start from zero, as in a fresh AdamW
                             v.copy_(opt_saved[p][k]) if p in opt_saved else v.zero_()
             torch.cuda.set_rng_state(rng)
-        torch.cuda.empty_cache()
         graph, out = capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
         if self.pool is None:
             self.pool = graph.pool()
