@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, used to count FLOPs)
+        return False
+
+
 class LoRAAdapter(nn.Module):
     """One adapter: down (A), up (B), its scale, dropouts and multiplier."""
 
@@ -74,7 +81,7 @@ class LoRAAdapter(nn.Module):
         return delta * (self.scale * self.multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks its dtype itself
+        if not _autocast_on(x.device.type):  # under autocast the matmul picks its dtype itself
             x = x.to(self.down.weight.dtype)
         h = self.down(self.dropout(x))                                  # (..., r) or (B, r, H', W')
         scale = self.scale * self.multiplier

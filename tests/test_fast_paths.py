@@ -16,6 +16,8 @@ def _losses(folder, data, run, *extra):
 
 
 def _close(a, b, tol):
+    """LoRA weights after a few AdamW steps (lr 1e-3): Adam normalises each gradient, so a last-bit change of
+    a near-zero gradient can move an element by up to lr; tolerances stay well under lr."""
     return all(torch.allclose(x, y, rtol=tol, atol=tol) for x, y in zip(a, b))
 
 
@@ -60,7 +62,7 @@ def test_the_step_never_reads_a_tensor_on_the_host(tiny_diffusers_folder, tiny_d
 def test_channels_last_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
     _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
     _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.channels_last=true")
-    assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-5)
+    assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-4)
     assert l1[0] != l1[-1]  # it trained
 
 
@@ -73,7 +75,7 @@ def test_compiled_unet_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, 
         if "compiler" in str(e).lower() or "InvalidCxxCompiler" in type(e).__name__:
             pytest.skip(f"torch.compile unavailable here: {e}")
         raise
-    assert l1 == pytest.approx(l2, rel=1e-4) and _close(p1, p2, 1e-4)
+    assert l1 == pytest.approx(l2, rel=1e-4) and _close(p1, p2, 2e-4)
 
 
 def test_ema_skips_with_the_step():
@@ -134,3 +136,80 @@ def test_graphed_sampling_equals_eager(tiny_diffusers_folder):
     b = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)
     c = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)  # replayed from the kept graph
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(b, c)
+
+
+class _FakeGraph:
+    """A CPU stand-in for a recorded CUDA graph: replay() runs the recorded function again on the same static
+    inputs. It checks what the wrappers add around a recording: warm-up, state restore, keys, static inputs."""
+    recorded = 0
+
+    def __init__(self, fn):
+        self.fn = fn
+        _FakeGraph.recorded += 1
+
+    def replay(self):
+        out = self.fn()
+        self.out.copy_(out) if torch.is_tensor(out) else None
+
+    def pool(self):
+        return None
+
+
+def _fake_capture(fn, warmup=2, restore=None, pool=None):
+    for _ in range(warmup):
+        fn()
+    if restore is not None:
+        restore()
+    g = _FakeGraph(fn)
+    g.out = torch.empty_like(fn())   # what the recording returns; this extra run is undone like the warm-up
+    if restore is not None:
+        restore()
+    return g, g.out
+
+
+def test_graph_wrapper_warm_up_leaves_the_run_unchanged(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
+    """Warm-up runs change weights, AdamW moments, loss scale, EMA and the RNG; GraphedStep must undo all of it,
+    so the recorded run trains exactly like the eager one (here with LoRA dropout on: the RNG matters)."""
+    from models import cuda_graph
+    from training.graph_step import GraphedStep
+    calls = {"n": 0}
+
+    def capture(*a, **k):
+        calls["n"] += 1
+        return _fake_capture(*a, **k)
+    monkeypatch.setattr(cuda_graph, "capture", capture)
+    common = ["train.precision=fp32", "train.ema_decay=0.9", "train.grad_accum=2", "optim.warmup_steps=2",
+              "lora.dropout=0.1"]
+    eager, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common)
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common))
+    tr.graphed = GraphedStep(tr.device_step, tr._graph_state, tr.opt, device="cpu")
+    lg = [tr.optimizer_step()["loss"] for _ in range(4)]
+    assert calls["n"] == 1 and len(tr.graphed.graphs) == 1  # recorded once, replayed four times
+    assert le == lg
+    assert all(torch.equal(a, b) for a, b in zip(pe, tr.params))
+    assert all(torch.equal(a, b) for a, b in zip(eager.ema.shadow, tr.ema.shadow))
+    assert eager.scaler.state_dict() == tr.scaler.state_dict()
+    assert all(torch.equal(eager.opt.state[a]["exp_avg_sq"], tr.opt.state[b]["exp_avg_sq"])
+               for a, b in zip(eager.params, tr.params))
+
+
+def test_graphed_unet_keys_on_shape_and_lora_state(tiny_diffusers_folder, monkeypatch):
+    from lora.inject import inject_lora, set_multiplier
+    from models import cuda_graph
+    from models.load import load_model
+    monkeypatch.setattr(cuda_graph, "capture", _fake_capture)
+    sd = load_model(tiny_diffusers_folder)
+    inject_lora(sd.unet, "attention", rank=4)
+    sd.unet.eval()
+    g = cuda_graph.GraphedUNet(sd.unet)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        for t in (torch.tensor(10), torch.tensor(500)):
+            assert torch.equal(g(x, t, ctx), sd.unet(x, t, ctx))
+        assert len(g.graphs) == 1                       # a new timestep is a new input, not a new graph
+        g(torch.randn(1, 4, 8, 8), torch.tensor(3), ctx[:1])
+        set_multiplier(sd.unet, "default", 0.5)
+        g(x, torch.tensor(10), ctx)
+        assert len(g.graphs) == 3                       # another shape, another LoRA multiplier
+        y = g(x, torch.tensor([7, 9]), ctx)             # per-sample timesteps through the static buffer
+        assert torch.equal(y, sd.unet(x, torch.tensor([7, 9]), ctx))

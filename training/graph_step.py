@@ -14,13 +14,15 @@ from typing import Callable
 
 import torch
 
-from models.cuda_graph import capture
+from models import cuda_graph
 
 
 class GraphedStep:
     def __init__(self, step_fn: Callable[[dict], torch.Tensor], state_tensors: Callable[[], list[torch.Tensor]],
-                 optimizer: torch.optim.Optimizer, max_graphs: int = 8):
+                 optimizer: torch.optim.Optimizer, max_graphs: int = 8, device: str = "cuda"):
         self.step_fn, self.state_tensors, self.opt = step_fn, state_tensors, optimizer
+        self.rng = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if device == "cuda" else \
+            (torch.get_rng_state, torch.set_rng_state)   # (a CPU stand-in for capture, in the tests)
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
@@ -34,7 +36,7 @@ class GraphedStep:
     def _record(self, inputs: dict):
         saved = [t.detach().clone() for t in self.state_tensors()]
         opt_saved = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.opt.state.items()}
-        rng = torch.cuda.get_rng_state()
+        rng = self.rng[0]()
 
         def restore():
             with torch.no_grad():
@@ -44,8 +46,8 @@ class GraphedStep:
                     for k, v in st.items():
                         if torch.is_tensor(v):  # moments born in the warm-up start from zero, as in a fresh AdamW
                             v.copy_(opt_saved[p][k]) if p in opt_saved else v.zero_()
-            torch.cuda.set_rng_state(rng)
-        graph, out = capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
+            self.rng[1](rng)           # LoRA dropout draws the same masks as without the warm-up
+        graph, out = cuda_graph.capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         return graph, out
@@ -65,7 +67,8 @@ class GraphedStep:
                 self.failed = f"{type(e).__name__}: {e}"
                 warnings.warn(f"recording the training step as a CUDA graph failed; continuing without one "
                               f"(set train.cuda_graph=false to skip the attempt): {self.failed[:500]}")
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 return self.step_fn(inputs)
         graph, out = self.graphs[k]
         graph.replay()

@@ -64,7 +64,7 @@ def table(results: list[dict], peak: float) -> str:
         f = flops.get(r["config"])
         if f and "s_per_step" in r:  # both implementations compute the same model FLOPs; ours counted them
             f = flops[r["config"]]
-            note = f"{f / 1e12:.2f} TFLOP/step, {f / r['s_per_step'] / 1e12:.0f} TFLOP/s"
+            note = f"{f / 1e9:.1f} GFLOP/step, {f / r['s_per_step'] / 1e12:.3g} TFLOP/s"
             if peak:
                 note += f" = {100 * f / r['s_per_step'] / 1e12 / peak:.0f}% of bf16 matmul"
         mem = (f"{r['peak_alloc_gib']:.2f} / {r.get('peak_reserved_gib', float('nan')):.2f}" if "peak_alloc_gib" in r
