@@ -163,7 +163,8 @@ class Trainer:
         items, self.scan_report = scan_folder(d.path, d.get("caption_version"), d.get("caption_ext", ".txt"),
                                               d.get("missing_caption", "error"), d.get("trigger"),
                                               d.get("verify", "header"), d.get("skip_bad", False))
-        kw = dict(resolution=d.resolution, bucketing=d.get("bucketing", False), crop=d.get("crop", "center"),
+        kw = dict(resolution=d.resolution, bucketing=d.get("bucketing", False), bucket_step=d.get("bucket_step", 64),
+                  crop=d.get("crop", "center"),
                   flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed)
         self.ds = ImageCaptionDataset(items, trigger=d.get("trigger"), shuffle_tags=d.get("shuffle_tags", False),
                                       keep_tokens=d.get("keep_tokens", 1),
