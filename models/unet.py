@@ -228,10 +228,11 @@ class Transformer2DModel(nn.Module):
 class _Block(nn.Module):
     """Resnets (each optionally followed by a transformer) then an optional down/upsampler."""
     gradient_checkpointing = False
+    preserve_rng_state = True
 
     def _run(self, fn, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
         return fn(*args)
 
 
@@ -339,11 +340,14 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each resnet and transformer in the backward pass: about 1/2 the activation memory."""
+    def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True) -> None:
+        """Recompute each resnet and transformer in the backward pass: about 1/2 the activation memory.
+        preserve_rng_state=False skips saving the RNG per block (needed inside a CUDA graph; correct only
+        when nothing random runs in the blocks, i.e. no dropout)."""
         for m in self.modules():
             if isinstance(m, _Block):
                 m.gradient_checkpointing = enabled
+                m.preserve_rng_state = preserve_rng_state
 
     @property
     def dtype(self) -> torch.dtype:

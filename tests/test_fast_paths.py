@@ -245,3 +245,17 @@ def test_bucketed_training_runs_one_shape_per_batch(tiny_diffusers_folder, tmp_p
         monkeypatch.undo()
         assert le == lg and len(tr.graphed.graphs) == 2
         assert all(np.isfinite(le))
+
+
+def test_graph_mode_refuses_checkpointing_with_dropout(tiny_diffusers_folder, tiny_data, tmp_path):
+    """Checkpointed blocks re-draw their dropout masks from a saved RNG state, which a CUDA graph cannot
+    record: auto turns the graph off (with a warning), true refuses; without dropout both are allowed."""
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "a", "train.grad_checkpointing=true",
+                          "lora.dropout=0.1"))
+    with pytest.warns(UserWarning, match="gradient checkpointing with dropout"):
+        assert tr._graph_wanted() is False
+    tr.cfg.train.cuda_graph = True
+    with pytest.raises(ValueError, match="gradient checkpointing with dropout"):
+        tr._graph_wanted()
+    tr.cfg.lora.dropout = 0.0
+    assert tr._graph_wanted() is True

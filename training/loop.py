@@ -90,8 +90,6 @@ class Trainer:
             T = L.text_encoder
             self.te_report = inject_lora(self.sd.text_encoder, plain(T.targets), rank=T.rank,
                                          alpha=T.alpha, **lkw)
-        if tc.grad_checkpointing:
-            self.sd.unet.set_gradient_checkpointing(True)
         cuda = self.device.type == "cuda"
         self.channels_last = bool(tc.get("channels_last", False))
         if self.channels_last:
@@ -116,6 +114,8 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
         self.graph_mode = cuda and self._graph_wanted()
+        if tc.grad_checkpointing:  # in a graph the RNG state cannot be read: _graph_wanted made sure none is used
+            self.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=not self.graph_mode)
         self.opt = build_optimizer(groups, cfg.optim, capturable=self.graph_mode)
         self.opt_skips_on_device = bool(self.opt.defaults.get("fused"))
         for p in self.params:  # gradients live in fixed memory: zeroed and accumulated in place every step
@@ -145,6 +145,10 @@ class Trainer:
             why.append("lora.module_dropout skips whole modules at random from the host")
         if not self.cfg.optim.get("fused"):
             why.append("optim.fused=false")
+        random_in_blocks = L.get("dropout", 0.0) or L.get("rank_dropout", 0.0) or self.sd.unet.config.dropout
+        if tc.grad_checkpointing and random_in_blocks:
+            why.append("gradient checkpointing with dropout re-draws its masks from a saved RNG state, which a "
+                       "graph cannot record (set lora.dropout=0 to have both)")
         if why and want == "auto":
             warnings.warn("training without a CUDA graph: " + "; ".join(why))
             return False
