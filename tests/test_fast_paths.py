@@ -259,3 +259,36 @@ def test_graph_mode_refuses_checkpointing_with_dropout(tiny_diffusers_folder, ti
         tr._graph_wanted()
     tr.cfg.lora.dropout = 0.0
     assert tr._graph_wanted() is True
+
+
+def test_half_norms_match_autocast_within_half_rounding(tiny_diffusers_folder, tiny_data, tmp_path):
+    from models.load import load_model
+    sd = load_model(tiny_diffusers_folder, dtype="bf16")
+    x, t, ctx = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sd.unet(x, t, ctx.bfloat16()).float()
+        sd.unet.set_norms_in_weight_dtype(True)
+        got = sd.unet(x, t, ctx.bfloat16()).float()
+        sd.unet.set_norms_in_weight_dtype(False)
+        back = sd.unet(x, t, ctx.bfloat16()).float()
+    err = (got - ref).norm() / ref.norm()
+    assert err < 2e-2, err   # at most a bf16-size rounding difference (CPU autocast keeps norms in bf16: 0 here)
+    assert torch.equal(back, ref)        # switched off: the autocast path again
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "r", "train.precision=bf16",
+                          "train.half_norms=true"))
+    assert "forward" in tr.sd.unet.conv_norm_out.__dict__ and all(r["loss"] < 10 for r in [tr.optimizer_step()])
+
+
+@cuda
+def test_half_norms_on_cuda_differ_only_by_rounding(tiny_diffusers_folder):
+    """CUDA autocast runs norms in fp32; the switch keeps them in fp16: a rounding-size difference, not zero."""
+    from models.load import load_model
+    sd = load_model(tiny_diffusers_folder, dtype="fp16", device="cuda")
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
+    t, ctx = torch.tensor([10, 700], device="cuda"), torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        ref = sd.unet(x, t, ctx).float()
+        sd.unet.set_norms_in_weight_dtype(True)
+        got = sd.unet(x, t, ctx).float()
+    err = (got - ref).norm() / ref.norm()
+    assert 0 < err < 5e-3, err

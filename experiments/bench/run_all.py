@@ -30,6 +30,8 @@ JOBS = [  # (module, config, part, mode)
     ("ours", "seed000", "unet", "graph"), ("diffusers", "seed000", "unet", "eager"),
     ("ours", "seed000_ckpt", "unet", "eager"),  # checkpointing + LoRA dropout cannot be graphed (README) ("diffusers", "seed000_ckpt", "unet", "eager"),
     ("ours", "b8_bf16", "unet", "eager"), ("ours", "b8_bf16", "unet", "graph"),
+    ("ours", "b8_bf16", "unet", "graph_cl"), ("ours", "b8_bf16", "unet", "graph_hn"),
+    ("ours", "b8_bf16", "unet", "graph_compile"),
     ("diffusers", "b8_bf16", "unet", "eager"),
     ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-"),
 ]
