@@ -104,6 +104,7 @@ class LoRALayer(nn.Module):
         self.base_layer = base
         self.lora = nn.ModuleDict()
         self.merged: dict[str, torch.Tensor] = {}  # adapter -> the delta that was added to the base
+        self.original: torch.Tensor | None = None  # the base weight before the first merge
 
     def add_adapter(self, name: str, **kw) -> LoRAAdapter:
         if name in self.lora:
@@ -126,7 +127,9 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        """Add the adapters' deltas into the base weight; their forward path is then skipped."""
+        """Add the adapters' deltas into the base weight; their forward path is then skipped. The weight
+        before the first merge is kept, so that unmerge() restores it bit for bit (as A1111 keeps its
+        backups): subtracting the delta again would leave rounding residue, large in fp16."""
         w = self.base_layer.weight
         for name in names or list(self.lora):
             if name in self.merged or not self.lora[name].enabled:
@@ -134,12 +137,14 @@ class LoRALayer(nn.Module):
             delta = self.lora[name].delta_weight()
             if not torch.isfinite(delta).all():
                 raise ValueError(f"refusing to merge adapter {name!r}: its delta has NaN or inf values")
+            if not self.merged:
+                self.original = w.detach().clone()
             w += delta.to(w.dtype)
             self.merged[name] = delta
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        w = self.base_layer.weight
-        for name, delta in list(self.merged.items()):
-            w -= delta.to(w.dtype)
-            del self.merged[name]
+        if self.merged:
+            self.base_layer.weight.copy_(self.original)
+            self.merged.clear()
+            self.original = None
