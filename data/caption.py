@@ -50,8 +50,8 @@ def caption_images(kind, processor, model, images, max_new_tokens: int = 40) -> 
         return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
     inputs = processor(images=images, text=[LLAVA_PROMPT] * len(images), return_tensors="pt", padding=True).to(device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+    new = out[:, inputs["input_ids"].shape[1]:]   # the answer only: the prompt (and image tokens) come first
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def caption_folder(folder: str | Path, model: str | Path, version: str | None = None, prefix: str = "",

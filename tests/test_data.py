@@ -286,3 +286,49 @@ def test_caption_folder_with_a_tiny_blip(folder, tiny_blip):
     assert (folder / "img0.txt").read_text() != "J3NN13, wink, close-up, tag0"
     with pytest.raises(FileNotFoundError, match="no captioning model"):
         caption_folder(folder, folder / "nope")
+
+
+@pytest.fixture
+def tiny_llava(tmp_path):
+    """A tiny random LLaVA (CLIP vision tower + Llama text model) in the layout of llava-hf/llava-1.5-7b-hf;
+    its tokenizer is the bundled CLIP BPE plus the <image> token."""
+    from transformers import (CLIPImageProcessor, CLIPTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    from models.text import BUNDLED_TOKENIZER
+    tok = CLIPTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                             crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+    model.save_pretrained(tmp_path / "llava")
+    proc.save_pretrained(tmp_path / "llava")
+    return tmp_path / "llava", model, proc
+
+
+def test_caption_folder_with_a_tiny_llava(folder, tiny_llava):
+    """Batched LLaVA captions equal one-image-at-a-time generation, keeping only the answer (no prompt)."""
+    from transformers import AutoProcessor
+
+    from data.caption import LLAVA_PROMPT, caption_folder
+    path, model, _ = tiny_llava
+    proc = AutoProcessor.from_pretrained(path, local_files_only=True)   # as the captioner loads it
+    r = caption_folder(folder, path, version="llava", prefix="J3NN13, ", batch=3, max_new_tokens=6)
+    assert r["written"] == 4
+    for name in ("img0", "img3"):
+        inputs = proc(images=[load_rgb(folder / f"{name}.png")], text=[LLAVA_PROMPT], return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0]
+        prompt_len = inputs["input_ids"].shape[1]
+        want = proc.tokenizer.decode(seq[prompt_len:], skip_special_tokens=True).strip()
+        got = (folder / "captions" / "llava" / f"{name}.txt").read_text()
+        assert got == f"J3NN13, {want}\n" and want and "ASSISTANT" not in got and "Describe" not in got
