@@ -116,7 +116,10 @@ class LoRALayer(nn.Module):
         return self.lora[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        return self.add_lora(x, self.base_layer(x))
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the base layer's output for x) plus every active adapter's contribution."""
         for name, a in self.lora.items():
             if not a.enabled or name in self.merged:
                 continue

@@ -145,10 +145,31 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
 
+    fused_projections = False   # set_fused_projections(): one matmul for q, k, v (self) or k, v (cross)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context               # (B, M, Dc)
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        if self.fused_projections:
+            q, k, v = self._fused_qkv(x, context)
+        else:
+            context = x if context is None else context           # (B, M, Dc)
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads, self.upcast)
         return self.to_out[1](self.to_out[0](out))                # (B, N, D)
+
+    def _fused_qkv(self, x, context):
+        """The frozen projections as one matmul over their concatenated weights (self-attention: q, k, v
+        from x; cross-attention: k, v from the text), then each LoRA's own contribution, in the unfused
+        order (so LoRA dropout draws the same masks)."""
+        mods = [self.to_q, self.to_k, self.to_v]
+        base = [getattr(m, "base_layer", m) for m in mods]
+        groups = [(x, [0, 1, 2])] if context is None else [(x, [0]), (context, [1, 2])]
+        outs = [None] * 3
+        for inp, idx in groups:
+            w = torch.cat([base[i].weight for i in idx]) if len(idx) > 1 else base[idx[0]].weight
+            y = F.linear(inp, w)                                   # (B, N, len(idx) * inner)
+            for i, part in zip(idx, y.split([base[i].out_features for i in idx], dim=-1)):
+                outs[i] = mods[i].add_lora(inp, part) if hasattr(mods[i], "add_lora") else part
+        return outs
 
 
 class GEGLU(nn.Module):
@@ -344,6 +365,12 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
+
+    def set_fused_projections(self, enabled: bool = True) -> None:
+        """Compute each attention's frozen q/k/v projections with one matmul (k/v for cross-attention)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_projections = enabled
 
     def set_norms_in_weight_dtype(self, enabled: bool = True) -> None:
         """Run GroupNorm/LayerNorm in the weights' dtype (fp16/bf16) even under autocast, which would

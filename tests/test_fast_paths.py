@@ -292,3 +292,31 @@ def test_half_norms_on_cuda_differ_only_by_rounding(tiny_diffusers_folder):
         got = sd.unet(x, t, ctx).float()
     err = (got - ref).norm() / ref.norm()
     assert 0 < err < 5e-3, err
+
+
+def test_fused_projections_give_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
+    """One matmul for q/k/v (k/v on the text) with the LoRA branches added after: the UNet output, with LoRA
+    dropout drawing the same masks in training mode, and a short run equal the unfused ones."""
+    from lora.inject import inject_lora
+    from models.load import load_model
+    sd = load_model(tiny_diffusers_folder)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad():                     # plain projections (no LoRA) first
+        plain = sd.unet(x, t, ctx)
+        sd.unet.set_fused_projections(True)
+        assert torch.allclose(sd.unet(x, t, ctx), plain, atol=1e-5, rtol=1e-5)
+        sd.unet.set_fused_projections(False)
+    inject_lora(sd.unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4, dropout=0.1)
+    for p in sd.unet.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)   # B non-zero: the LoRA branches count
+    sd.unet.train()
+    torch.manual_seed(1)
+    ref = sd.unet(x, t, ctx)
+    sd.unet.set_fused_projections(True)
+    torch.manual_seed(1)
+    got = sd.unet(x, t, ctx)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5) and not torch.equal(ref, sd.unet(x, t, ctx))
+    _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
+    _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.fused_projections=true")
+    assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-4)

@@ -94,6 +94,8 @@ class Trainer:
         self.channels_last = bool(tc.get("channels_last", False))
         if self.channels_last:
             self.sd.unet.to(memory_format=torch.channels_last)
+        if tc.get("fused_projections"):
+            self.sd.unet.set_fused_projections(True)
         if tc.get("half_norms") and base_dtype != torch.float32:
             self.sd.unet.set_norms_in_weight_dtype(True)
         if cuda:

@@ -23,14 +23,14 @@ TINY_JOBS = [("ours", "report", "unet", "eager"), ("diffusers", "report", "unet"
              ("ours", "seed000", "unet", "eager"), ("diffusers", "seed000", "unet", "eager"),
              ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-")]
 JOBS = [  # (module, config, part, mode)
-    ("ours", "report", "unet", "eager"), ("ours", "report", "unet", "graph"),
+    ("ours", "report", "unet", "eager"), ("ours", "report", "unet", "graph"), ("ours", "report", "unet", "graph_fq"),
     ("diffusers", "report", "unet", "eager"), ("diffusers", "report", "unet", "compile"),
     ("ours", "report", "full", "graph"), ("ours", "report", "full", "eager"),
     ("diffusers", "report", "full", "eager"),
     ("ours", "seed000", "unet", "graph"), ("diffusers", "seed000", "unet", "eager"),
     ("ours", "seed000_ckpt", "unet", "eager"),  # checkpointing + LoRA dropout cannot be graphed (README) ("diffusers", "seed000_ckpt", "unet", "eager"),
     ("ours", "b8_bf16", "unet", "eager"), ("ours", "b8_bf16", "unet", "graph"),
-    ("ours", "b8_bf16", "unet", "graph_cl"), ("ours", "b8_bf16", "unet", "graph_hn"),
+    ("ours", "b8_bf16", "unet", "graph_cl"), ("ours", "b8_bf16", "unet", "graph_hn"), ("ours", "b8_bf16", "unet", "graph_fq"),
     ("ours", "b8_bf16", "unet", "graph_compile"),
     ("diffusers", "b8_bf16", "unet", "eager"),
     ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-"),
