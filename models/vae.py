@@ -156,10 +156,12 @@ class DiagonalGaussian:
     mean: torch.Tensor
     logvar: torch.Tensor
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else self.mean.device  # a CPU generator: draw on the CPU
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise.to(self.mean.device)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise; the noise is given, or drawn (from a CPU generator: on the CPU)."""
+        if noise is None:
+            device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -201,10 +203,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                       sample: bool = True) -> torch.Tensor:
-        """Images -> latents on the diffusion model's scale: (z - shift) * scaling_factor."""
+                       sample: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images -> latents on the diffusion model's scale: (z - shift) * scaling_factor.
+        noise: the posterior's standard-normal draw, when the caller draws it (the training step does)."""
         dist = self.encode(x)
-        z = dist.sample(generator) if sample else dist.mode()
+        z = dist.sample(generator, noise) if sample else dist.mode()
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, slice_size: int | None = None) -> torch.Tensor:

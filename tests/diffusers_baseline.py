@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from experiments.bench.configs import CONFIGS, DROPOUT, LR, peak_memory, reset_peak, sync, world  # noqa: E402
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory,  # noqa: E402
+                                       reset_peak, sync, world)
 from experiments.bench.world import CAPTIONS  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,17 +121,9 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) ->
         return pipe(CAPTIONS[0], negative_prompt="blurry, distorted face", num_inference_steps=steps,
                     guidance_scale=guidance, height=size, width=size,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    one(0)
-    times = []
-    for r in range(repeats):
-        sync(dev)
-        t0 = time.perf_counter()
-        one(r + 1)
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    median, first = median_seconds(one, dev, repeats)
     return {"impl": "diffusers+peft", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}",
-            "mode": "eager", "device": dev, "s_per_image": times[len(times) // 2], **peak_memory(dev)}
+            "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **peak_memory(dev)}
 
 
 if __name__ == "__main__":

@@ -172,8 +172,7 @@ class Trainer:
                                               d.get("missing_caption", "error"), d.get("trigger"),
                                               d.get("verify", "header"), d.get("skip_bad", False))
         kw = dict(resolution=d.resolution, bucketing=d.get("bucketing", False), bucket_step=d.get("bucket_step", 64),
-                  crop=d.get("crop", "center"),
-                  flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed)
+                  crop=d.get("crop", "center"), flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed)
         self.ds = ImageCaptionDataset(items, trigger=d.get("trigger"), shuffle_tags=d.get("shuffle_tags", False),
                                       keep_tokens=d.get("keep_tokens", 1),
                                       caption_dropout=d.get("caption_dropout", 0.0), **kw)
@@ -269,11 +268,8 @@ class Trainer:
         if "z0" in x:
             z0 = x["z0"]                                                   # (B, 4, h, w) fp32
         else:
-            vae = self.sd.vae
             with torch.no_grad(), autocast(self.device, self.precision):
-                post = vae.encode(x["pixels"].to(vae.dtype))
-                z = post.mean + torch.exp(0.5 * post.logvar) * x["vae_eps"].to(post.mean.dtype)
-                z0 = ((z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
+                z0 = self.sd.vae.encode_latents(x["pixels"].to(self.sd.vae.dtype), noise=x["vae_eps"]).float()
         noise, t = x["noise"], x["t"]
         zt = self.schedule.add_noise(z0, noise, t)
         target = self.schedule.target(z0, noise, t)
@@ -299,8 +295,9 @@ class Trainer:
     def device_step(self, inputs: dict) -> torch.Tensor:
         """One optimizer step on the device: grad_accum micro-batches ("<i>.<name>" inputs), unscale, clip,
         AdamW (skipped on device when a gradient is not finite), EMA, loss-scale update.
-        -> (4,) float tensor: mean loss, gradient norm, 1.0 if the step was skipped, the loss scale. Never waits for the host,
-        so the same function runs eagerly or recorded in a CUDA graph (training/graph_step.py)."""
+        -> (4,) float tensor: mean loss, gradient norm, 1.0 if the step was skipped, the loss scale.
+        Never waits for the host, so the same function runs eagerly or recorded in a CUDA graph
+        (training/graph_step.py)."""
         tc = self.cfg.train
         accum = tc.grad_accum
         grads = [p.grad for p in self.params]

@@ -30,8 +30,9 @@ def build_optimizer(groups: list[dict], cfg, capturable: bool = False) -> torch.
     """groups: [{"params": [...], "lr": ...}, ...]; cfg: optim config (betas, eps, weight_decay, fused).
 
     With `fused` (CUDA or CPU), one kernel updates every parameter and a step whose gradients are not
-    finite is skipped inside it (`optimizer.found_inf`), so the host never reads the gradients. `capturable` (for CUDA graphs) keeps the step counts and
-    the learning rates in device tensors; set_capturable() restores that after load_state_dict."""
+    finite is skipped inside it (`optimizer.found_inf`), so the host never reads the gradients.
+    `capturable` (for CUDA graphs) keeps the step counts and the learning rates in device tensors;
+    set_capturable() restores that after load_state_dict."""
     kw = dict(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.get("fused") and all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"]):
         kw["fused"] = True

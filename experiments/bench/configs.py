@@ -53,3 +53,21 @@ def reset_peak(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+
+
+def median_seconds(fn, device: str, repeats: int = 3) -> tuple[float, float]:
+    """Call fn(0) once (warm-up: graphs, kernels, caches), then fn(1..repeats), each timed between device
+    syncs. -> (median seconds, the first call's seconds)."""
+    import time
+    t = time.perf_counter()
+    fn(0)
+    sync(device)
+    first = time.perf_counter() - t
+    times = []
+    for r in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn(r + 1)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2], first

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.configs import CONFIGS, DROPOUT, LR, peak_memory, reset_peak, sync, world
+from experiments.bench.configs import CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak, sync, world
 
 MODES = {  # name -> train.* overrides
     "eager": ["train.cuda_graph=false"],
@@ -102,19 +102,9 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
                         cuda_graph=mode == "graph")
-    t_first = time.perf_counter()
-    one(0)
-    first = time.perf_counter() - t_first
-    times = []
-    for r in range(repeats):
-        sync(dev)
-        t0 = time.perf_counter()
-        one(r + 1)
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    median, first = median_seconds(one, dev, repeats)
     return {"impl": "ours", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
-            "device": dev, "s_per_image": times[len(times) // 2], "first_call_s": first, **peak_memory(dev)}
+            "device": dev, "s_per_image": median, "first_call_s": first, **peak_memory(dev)}
 
 
 if __name__ == "__main__":
