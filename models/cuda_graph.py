@@ -38,10 +38,6 @@ def capture(fn: Callable[[], object], warmup: int = 2, restore: Callable[[], Non
     return graph, out
 
 
-def _capture(fn):
-    return capture(fn)   # (looked up at call time, so the tests can stand in a CPU recorder)
-
-
 def lora_signature(module: nn.Module) -> tuple:
     """What a recorded LoRA forward depends on besides tensor values: enabled, multiplier, merged."""
     from lora.layers import LoRALayer
@@ -80,7 +76,7 @@ class GraphedUNet:
                torch.is_autocast_enabled("cuda"), self.unet.training, lora_signature(self.unet))
         if key not in self.graphs:
             static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone()}
-            graph, out = _capture(lambda: self.unet(static["x"], static["t"], static["ctx"]))
+            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]))
             self.graphs[key] = (graph, static, out)
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)

@@ -193,6 +193,28 @@ def test_graph_wrapper_warm_up_leaves_the_run_unchanged(tiny_diffusers_folder, t
                for a, b in zip(eager.params, tr.params))
 
 
+def test_a_failed_recording_leaves_the_run_as_eager(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
+    """Recording fails after its warm-up changed weights, moments and RNG: the run goes on eagerly, and its
+    numbers are those of a run that never tried."""
+    from models import cuda_graph
+    from training.graph_step import GraphedStep
+
+    def failing(fn, warmup=2, restore=None, pool=None):
+        for _ in range(warmup):
+            fn()
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(cuda_graph, "capture", failing)
+    common = ["train.precision=fp32", "train.ema_decay=0.9", "lora.dropout=0.1"]
+    eager, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common)
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common))
+    tr.graphed = GraphedStep(tr.device_step, tr._graph_state, tr.opt, device="cpu")
+    with pytest.warns(UserWarning, match="continuing without one"):
+        lg = [tr.optimizer_step()["loss"] for _ in range(4)]
+    assert tr.graphed.failed and lg == le
+    assert all(torch.equal(a, b) for a, b in zip(pe, tr.params))
+    assert all(torch.equal(a, b) for a, b in zip(eager.ema.shadow, tr.ema.shadow))
+
+
 def test_graphed_unet_keys_on_shape_and_lora_state(tiny_diffusers_folder, monkeypatch):
     from lora.inject import inject_lora, set_multiplier
     from models import cuda_graph
@@ -274,6 +296,16 @@ def test_half_norms_match_autocast_within_half_rounding(tiny_diffusers_folder, t
     err = (got - ref).norm() / ref.norm()
     assert err < 2e-2, err   # at most a bf16-size rounding difference (CPU autocast keeps norms in bf16: 0 here)
     assert torch.equal(back, ref)        # switched off: the autocast path again
+    # A switched norm computes in its weights' dtype whatever autocast and its input say: equal to group_norm
+    # worked out on the input cast to bf16, with autocast off.
+    norm = sd.unet.conv_norm_out
+    sd.unet.set_norms_in_weight_dtype(True)
+    h = torch.randn(2, norm.num_channels, 4, 4)                      # fp32 input
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out = norm(h)
+    want = torch.nn.functional.group_norm(h.bfloat16(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    sd.unet.set_norms_in_weight_dtype(False)
     tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "r", "train.precision=bf16",
                           "train.half_norms=true"))
     assert "forward" in tr.sd.unet.conv_norm_out.__dict__ and all(r["loss"] < 10 for r in [tr.optimizer_step()])

@@ -208,14 +208,19 @@ def test_killed_subprocess_resumes_and_finishes(tiny_diffusers_folder, tiny_data
 def test_loss_scaler_skips_overflow_and_grows():
     from training.precision import LossScaler
     s = LossScaler(True, init_scale=1024.0, growth_interval=2)
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.tensor([2048.0, 1024.0, float("inf")])
-    assert s.unscale_([p]) is False
-    s.update(False)
+
+    def unscale(g):  # what the training step does: unscale in place, found_inf from the (clipped) norm
+        s.unscale_grads([g])
+        return (~torch.isfinite(torch.linalg.vector_norm(g))).float()
+    g = torch.tensor([2048.0, 1024.0, float("inf")])
+    found = unscale(g)
+    assert found == 1.0
+    s.update_(found)
     assert s.scale == 512.0
-    p.grad = torch.tensor([512.0, 256.0, 0.0])
-    assert s.unscale_([p]) is True and torch.equal(p.grad, torch.tensor([1.0, 0.5, 0.0]))
-    s.update(True), s.update(True)
+    g = torch.tensor([512.0, 256.0, 0.0])
+    found = unscale(g)
+    assert found == 0.0 and torch.equal(g, torch.tensor([1.0, 0.5, 0.0]))
+    s.update_(found), s.update_(found)
     assert s.scale == 1024.0  # doubled after growth_interval clean steps
     off = LossScaler(False)
     assert off.scale == 1.0 and off.scale_loss(torch.tensor(3.0)) == 3.0

@@ -3,7 +3,7 @@ as one CUDA graph per input shape, then replayed: one launch per step instead of
 
 Recording needs warm-up runs, and those change the LoRA weights, the optimizer's moments and the loss
 scale; `GraphedStep` snapshots all of them first and puts them back, so the graphed run computes the
-same numbers as the eager one (tests/test_fast_paths.py, experiments/bench/check_graph.py on a GPU).
+same numbers as the eager one (tests/test_fast_paths.py: a CPU stand-in recorder, and CUDA cases).
 All graphs share one memory pool: everything that outlives a replay (gradients, optimizer state, the
 returned statistics) is allocated outside the graphs or copied out right after the replay.
 """
@@ -35,7 +35,8 @@ class GraphedStep:
 
     def _record(self, inputs: dict):
         saved = [t.detach().clone() for t in self.state_tensors()]
-        opt_saved = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.opt.state.items()}
+        opt_saved = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                     for p, st in self.opt.state.items()}
         rng = self.rng[0]()
 
         def restore():
@@ -47,7 +48,11 @@ class GraphedStep:
                         if torch.is_tensor(v):  # moments born in the warm-up start from zero, as in a fresh AdamW
                             v.copy_(opt_saved[p][k]) if p in opt_saved else v.zero_()
             self.rng[1](rng)           # LoRA dropout draws the same masks as without the warm-up
-        graph, out = cuda_graph.capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
+        try:
+            graph, out = cuda_graph.capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
+        except RuntimeError:
+            restore()  # a failed warm-up or recording leaves the run as it found it (the caller goes on eagerly)
+            raise
         if self.pool is None:
             self.pool = graph.pool()
         return graph, out

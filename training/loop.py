@@ -213,8 +213,9 @@ class Trainer:
         # Its own generator: the loader draws worker seeds from it, not from the global RNG that LoRA dropout
         # uses (which would shift the dropout masks of a resumed run).
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
+        # No pin_memory: training/staging.py copies each batch into its own pinned buffers.
         return iter(DataLoader(self.ds, batch_sampler=left, collate_fn=collate, num_workers=workers, generator=g,
-                               pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None))
+                               prefetch_factor=4 if workers else None))
 
     def _next_batch(self) -> dict:
         """The next micro-batch in the (seed, epoch) order; wraps to the next epoch."""
@@ -563,7 +564,8 @@ class Trainer:
                 save = bool(tc.save_every_steps and self.step % tc.save_every_steps == 0
                             and self.step < self.total_steps)
                 show = bool(cfg.preview.every_steps and self.step % cfg.preview.every_steps == 0)
-                halt = self.stop_requested or bool(tc.get("stop_after_steps") and self.step >= tc.stop_after_steps)
+                halt = "interrupted" if self.stop_requested else \
+                    "stopped" if tc.get("stop_after_steps") and self.step >= tc.stop_after_steps else None  # (tests)
                 if len(self._pending) >= log_every or save or show or halt or self.step >= self.total_steps:
                     for rec in self.drain():
                         bar.update(1)
@@ -572,11 +574,8 @@ class Trainer:
                     self.checkpoint()
                 if show:
                     self.preview()
-                if self.stop_requested:
-                    status = "interrupted"
-                    break
-                if tc.get("stop_after_steps") and self.step >= tc.stop_after_steps:  # for tests: a "kill" at k
-                    status = "stopped"
+                if halt:  # decided once, before the read above: a signal arriving now waits for the next step
+                    status = halt
                     break
         finally:
             bar.close()

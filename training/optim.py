@@ -74,9 +74,6 @@ class EMA:
     @torch.no_grad()
     def update(self, weight: torch.Tensor | float = 1.0) -> None:
         """weight: 1.0, or a device tensor that is 0.0 for a skipped step (then the average stays put)."""
-        if not torch.is_tensor(weight):
-            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], (1.0 - self.decay) * weight)
-            return
         diff = torch._foreach_sub([p.detach().float() for p in self.params], self.shadow)
         torch._foreach_mul_(diff, weight * (1.0 - self.decay))
         torch._foreach_add_(self.shadow, diff)

@@ -55,15 +55,6 @@ class LossScaler:
             torch._foreach_mul_(grads, (1.0 / self.scale_t).to(grads[0].device))
 
     @torch.no_grad()
-    def unscale_(self, params: list[torch.Tensor]) -> bool:
-        """Divide the gradients by the scale in place; True when all of them are finite (waits for the device)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return True
-        self.unscale_grads(grads)
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-    @torch.no_grad()
     def update_(self, found_inf: torch.Tensor) -> None:
         """Device-side update: halve on overflow (not below min_scale), double after growth_interval clean steps."""
         if not self.enabled:
@@ -74,9 +65,6 @@ class LossScaler:
         self.scale_t.mul_(found / self.factor + (1.0 - found) * (1.0 + grow * (self.factor - 1.0)))
         self.scale_t.clamp_(min=self.min_scale)
         self.clean_t.mul_(1.0 - grow)
-
-    def update(self, finite: bool) -> None:
-        self.update_(torch.tensor(0.0 if finite else 1.0))
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.scale_t, self.clean_t]

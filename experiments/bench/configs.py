@@ -1,19 +1,21 @@
-"""The benchmarked training configurations (issue 9) and how each side spells them."""
+"""The benchmarked training configurations (issue 9) and how each side spells them: `lora_conf` is our
+conf/lora group, `targets` the same modules as the walker's preset of that name (what peft is given)."""
+from lora.inject import PRESETS
+
+
+def _job(batch, rank, alpha, lora_conf, precision, ckpt=False) -> dict:
+    return dict(batch=batch, rank=rank, alpha=alpha, lora_conf=lora_conf, targets=list(PRESETS[lora_conf]),
+                precision=precision, ckpt=ckpt)
+
 
 CONFIGS = {
     # the Hieu report: batch 2, r32/a16 on the attention projections, LoRA dropout 0.1, fp16, 512x512
-    "report": dict(batch=2, rank=32, alpha=16, targets=["to_q", "to_k", "to_v", "to_out.0"], precision="fp16",
-                   lora_conf="attention", ckpt=False),
+    "report": _job(2, 32, 16, "attention", "fp16"),
     # seed 000 (FFHQ faces): batch 4, r16/a32 on attention, projection and resnet convolutions
-    "seed000": dict(batch=4, rank=16, alpha=32, targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                          "conv1", "conv2", "conv_shortcut"],
-                    precision="fp16", lora_conf="attention_proj_conv", ckpt=False),
-    "seed000_ckpt": dict(batch=4, rank=16, alpha=32, targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
-                                                               "proj_out", "conv1", "conv2", "conv_shortcut"],
-                         precision="fp16", lora_conf="attention_proj_conv", ckpt=True),
+    "seed000": _job(4, 16, 32, "attention_proj_conv", "fp16"),
+    "seed000_ckpt": _job(4, 16, 32, "attention_proj_conv", "fp16", ckpt=True),
     # batch 8 in bf16: where the GPU can be kept busy
-    "b8_bf16": dict(batch=8, rank=32, alpha=16, targets=["to_q", "to_k", "to_v", "to_out.0"], precision="bf16",
-                    lora_conf="attention", ckpt=False),
+    "b8_bf16": _job(8, 32, 16, "attention", "bf16"),
 }
 DROPOUT = 0.1
 LR = 1e-4
