@@ -65,7 +65,13 @@ class ImageCaptionDataset(Dataset):
         img, _ = resize_crop(img, w, h, self.crop, rng)
         return to_tensor(img, flip)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """key: an index (in the epoch set by set_epoch), or (epoch, index), as a loader that spans
+        epochs asks for it: in a worker process set_epoch from the main process is not seen."""
+        if isinstance(key, tuple):
+            self.epoch, index = key
+        else:
+            index = key
         flip = self.flip_for(index)
         out = {"index": index, "caption": self.caption_for(index), "flip": flip}
         if self.latent_cache is not None:

@@ -131,6 +131,27 @@ def test_resume_continues_exactly(tiny_diffusers_folder, tiny_data, tmp_path):
                          f"resume={tmp_path / 'part'}")).run()
 
 
+def test_one_loader_spans_epochs_with_each_epochs_augmentation(tiny_diffusers_folder, tiny_data, tmp_path):
+    """The DataLoader's workers live for the whole run (not restarted each epoch); each index travels with its
+    epoch, so the flips, random crops and shuffled tags of epoch e are epoch e's, as read in the main process."""
+    aug = ["train.cache_latents=false", "train.num_workers=2", "data.flip_p=0.5", "data.crop=random",
+           "data.shuffle_tags=true", "data.resolution=12"]
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", *aug))
+    n = 3 * tr.batches_per_epoch + 1                       # into a fourth epoch
+    got = [tr._next_batch() for _ in range(n)]
+    loader = tr._iter
+    assert tr._iter is loader and tr.epoch == 3
+    ds, want = tr.ds, []
+    for e in range(4):
+        ds.set_epoch(e)
+        want += [[ds[i] for i in b] for b in tr.plan.batches(e)]
+    for g, w in zip(got, want):
+        assert g["caption"] == [s["caption"] for s in w]
+        assert torch.equal(g["pixels"], torch.stack([s["pixels"] for s in w]))
+    flips = {e: [ds.flip_for(i) for i in range(len(ds))] for e in range(3) if ds.set_epoch(e) is None}
+    assert flips[0] != flips[1] or flips[1] != flips[2]    # the epochs do differ: the check above can fail
+
+
 def test_nan_steps_are_skipped_then_stop(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
     tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "run", "train.max_nan_steps=3"))
     real = tr.micro_loss

@@ -204,24 +204,32 @@ class Trainer:
         return encode_text(self.sd.text_encoder, ids, self.cfg.train.get("clip_skip", 1))
 
     def _loader(self):
-        """Batches left in this epoch, loaded by DataLoader workers (none when latents are cached: then a
-        batch is a memory lookup). Augmentation is seeded per (seed, epoch, index), so workers change nothing."""
+        """Batches from the current position on, through every later epoch, loaded by DataLoader workers
+        that live for the whole run (none when latents are cached: then a batch is a memory lookup).
+        Augmentation is seeded per (seed, epoch, index), and each index travels with its epoch, so the
+        workers change nothing and a resumed loader yields the same batches."""
         from torch.utils.data import DataLoader
-        self.ds.set_epoch(self.epoch)
         workers = 0 if self.ds.latent_cache is not None else self.cfg.train.get("num_workers", 0)
-        left = self.plan.batches(self.epoch)[self.batch_in_epoch:]
+        plan, epoch, start = self.plan, self.epoch, self.batch_in_epoch
+
+        class Batches:  # an endless batch sampler: [(epoch, index), ...] in the (seed, epoch) order
+            def __iter__(self):
+                e, s = epoch, start
+                while True:
+                    for b in plan.batches(e)[s:]:
+                        yield [(e, i) for i in b]
+                    e, s = e + 1, 0
         # Its own generator: the loader draws worker seeds from it, not from the global RNG that LoRA dropout
         # uses (which would shift the dropout masks of a resumed run).
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
         # No pin_memory: training/staging.py copies each batch into its own pinned buffers.
-        return iter(DataLoader(self.ds, batch_sampler=left, collate_fn=collate, num_workers=workers, generator=g,
-                               prefetch_factor=4 if workers else None))
+        return iter(DataLoader(self.ds, batch_sampler=Batches(), collate_fn=collate, num_workers=workers,
+                               generator=g, prefetch_factor=4 if workers else None))
 
     def _next_batch(self) -> dict:
-        """The next micro-batch in the (seed, epoch) order; wraps to the next epoch."""
+        """The next micro-batch in the (seed, epoch) order; runs on into the next epoch."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self._iter = None
         if getattr(self, "_iter", None) is None:
             self._iter = self._loader()
         batch = next(self._iter)
@@ -413,6 +421,7 @@ class Trainer:
         if self.ema and st["ema"]:
             self.ema.load_state_dict(st["ema"])
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self._iter = None  # the loader restarts at the saved position
         self.nan_streak = st["nan_streak"]
         self.smooth = None if math.isnan(st["smooth"]) else st["smooth"]
         set_rng_state(st["rng"], self.gen)

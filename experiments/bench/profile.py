@@ -1,0 +1,80 @@
+"""Where the GPU time of one training step goes: CUDA kernel time by kind, from torch.profiler.
+
+    python -m experiments.bench.profile CONFIG [MODE] [ROOT]      (MODE: an ours.MODES name; default eager)
+
+Prints the step's wall time, the summed kernel time (busy) and its split into matmul, convolution,
+attention, normalisation, elementwise/copy and optimizer kernels, then the 25 costliest kernels.
+The kernels are the same whether the step is replayed from a CUDA graph or launched eagerly; eager
+shows the names.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from experiments.bench.configs import world
+from experiments.bench.ours import trainer
+
+KINDS = [  # (kind, substrings of a kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "ampere_", "sm80_", "cublas", "splitk")),
+    ("conv", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "nchwtonhwc", "nhwctonchw")),
+    ("norm", ("norm", "welford")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("reduce", ("reduce",)),
+]
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    for k, keys in KINDS:
+        if any(s in n for s in keys):
+            return k
+    return "elementwise/copy"
+
+
+def main():
+    args = sys.argv[1:]
+    name, mode = args[0], args[1] if len(args) > 1 else "eager"
+    w = world(args[2] if len(args) > 2 else "/tmp/bench", False)
+    steps = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = trainer(name, "unet", mode, w, Path(tmp))
+        for _ in range(4):
+            tr.launch_step()
+        tr.drain()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                tr.launch_step()
+            tr.drain()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / steps
+    by_kind, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            us = e.device_time / steps
+            by_kind[kind(e.name)] += us
+            by_name[e.name[:90]] += us
+            count[e.name[:90]] += 1
+    busy = sum(by_kind.values())
+    if not busy:  # this torch lists kernels differently: its own table
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+        return
+    print(f"{name} {mode}: wall {wall * 1e3:.1f} ms/step, kernels {busy / 1e3:.1f} ms/step, "
+          f"{sum(count.values()) // steps} kernels/step")
+    for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:18s} {us / 1e3:7.2f} ms  {100 * us / busy:5.1f}%")
+    for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {us / 1e3:7.3f} ms  x{count[n] // steps:<4d} {n}")
+
+
+if __name__ == "__main__":
+    main()
