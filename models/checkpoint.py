@@ -7,6 +7,7 @@ and, for a mismatch, the keys.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -77,6 +78,25 @@ def write_safetensors(sd: dict[str, torch.Tensor], path: str | Path, metadata: d
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def no_init():
+    """Build modules without drawing random initial weights (torch.nn.init is a no-op inside): for modules
+    whose every parameter and buffer a strict load (load_strict) overwrites next. At SD1.5 size the random
+    initialisation took 14 of the 19 s of a load on a 2-core CPU."""
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS}
+    try:
+        for n in _INIT_FUNCTIONS:
+            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

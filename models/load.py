@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models import ldm_keys, text
-from models.checkpoint import CheckpointError, load_strict, read_state_dict, write_safetensors
+from models.checkpoint import CheckpointError, load_strict, no_init, read_state_dict, write_safetensors
 from models.unet import UNet2DConditionModel, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
 
@@ -145,21 +145,23 @@ def _read_config(folder: Path, name: str = "config.json") -> dict:
 
 
 def load_unet_folder(folder: Path, variant: str | None = None) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel(UNetConfig.from_dict(_read_config(folder), str(folder / "config.json")))
+    with no_init():  # every weight is read next, strictly
+        unet = UNet2DConditionModel(UNetConfig.from_dict(_read_config(folder), str(folder / "config.json")))
     sd, src = _read_weights(folder, "diffusion_pytorch_model", variant)
     load_strict(unet, sd, src)
     return unet.eval()
 
 
 def load_vae_folder(folder: Path, variant: str | None = None) -> AutoencoderKL:
-    vae = AutoencoderKL(VAEConfig.from_dict(_read_config(folder), str(folder / "config.json")))
+    with no_init():
+        vae = AutoencoderKL(VAEConfig.from_dict(_read_config(folder), str(folder / "config.json")))
     sd, src = _read_weights(folder, "diffusion_pytorch_model", variant)
     load_strict(vae, sd, src)
     return vae.eval()
 
 
 def load_text_encoder_folder(folder: Path, variant: str | None = None) -> nn.Module:
-    te = text.build_text_encoder(_read_config(folder))
+    te = text.build_text_encoder(_read_config(folder), empty=True)
     sd, src = _read_weights(folder, "model", variant)
     load_strict(te, text.from_published(sd, te), src)
     return te.eval()
@@ -227,7 +229,8 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
     ucfg, vcfg, tcfg, sched = _component_configs(config)
     consumed: set[str] = set()
 
-    unet = UNet2DConditionModel(ucfg)
+    with no_init():  # every weight is read next, strictly
+        unet = UNet2DConditionModel(ucfg)
     umap = ldm_keys.map_keys(unet.state_dict(), ldm_keys.unet_prefix_map(ucfg), ldm_keys.UNET_PREFIX)
     if use_ema:
         umap_ema = {k: ldm_keys.ema_key(v) for k, v in umap.items()}
@@ -245,12 +248,13 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
     elif not has_vae:
         raise CheckpointError(f"{path} has no VAE weights ({ldm_keys.VAE_PREFIX}*): pass a separate vae=<path>")
     else:
-        vae = AutoencoderKL(vcfg)
+        with no_init():
+            vae = AutoencoderKL(vcfg)
         vmap = ldm_keys.map_keys(vae.state_dict(), ldm_keys.vae_prefix_map(vcfg), ldm_keys.VAE_PREFIX)
         load_strict(vae, _take(sd, vmap, consumed, f"{path} (VAE)", ldm_keys.is_vae_attention_conv),
                     f"{path} (VAE)")
 
-    te = text.build_text_encoder(tcfg)
+    te = text.build_text_encoder(tcfg, empty=True)
     tsd = {}
     for k, v in sd.items():
         if k.startswith(ldm_keys.TEXT_PREFIX):
@@ -276,7 +280,8 @@ def load_vae(path: Path, config: str | Path | None = None) -> AutoencoderKL:
     sd = {k.removeprefix(ldm_keys.VAE_PREFIX): v for k, v in sd.items()
           if not k.startswith(("loss.", "model_ema."))}  # VAE training ckpts carry their discriminator
     vcfg = VAEConfig.from_dict(json.loads(Path(config).read_text())) if config else VAEConfig()
-    vae = AutoencoderKL(vcfg)
+    with no_init():
+        vae = AutoencoderKL(vcfg)
     if any(".down_blocks." in k or ".up_blocks." in k for k in sd):  # already diffusers names
         load_strict(vae, sd, str(path))
         return vae.eval()

@@ -104,7 +104,10 @@ def test_loss_scaler_update_on_the_device_matches_the_rules():
 
 @cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path, precision):
+def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path, precision, monkeypatch):
+    # fp32 convolutions default to TF32 in cuDNN, whose algorithm may differ between a recorded and an eager
+    # call (4e-5 relative after one update, H100): full fp32 makes 1e-5 a check of the step, not of TF32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     common = ["device=cuda", f"train.precision={precision}", "train.cudnn_benchmark=false", "train.grad_accum=2",
               "lora.dropout=0",
               "train.ema_decay=0.9", "optim.schedule=cosine", "optim.warmup_steps=2", "train.min_snr_gamma=5.0"]

@@ -21,6 +21,7 @@ MODES = {  # name -> train.* overrides
     "graph": ["train.cuda_graph=true"],
     "graph_cl": ["train.cuda_graph=true", "train.channels_last=true"],
     "graph_hn": ["train.cuda_graph=true", "train.half_norms=true"],
+    "graph_cl_hn": ["train.cuda_graph=true", "train.channels_last=true", "train.half_norms=true"],
     "graph_fq": ["train.cuda_graph=true", "train.fused_projections=true"],
     "graph_compile": ["train.cuda_graph=true", "train.compile=true"],
     "compile": ["train.cuda_graph=false", "train.compile=true"],

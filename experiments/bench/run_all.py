@@ -1,6 +1,7 @@
 """Run the benchmark jobs, each in its own process (clean peak-memory counters), and print the table.
 
     python -m experiments.bench.run_all [--out DIR] [--only report,sampling] [--root /tmp/bench]
+    python -m experiments.bench.run_all --jobs ours:report:unet:graph,diffusers:report:unet:eager   # in this order
     python -m experiments.bench.run_all --tiny        # the bundled tiny world on the CPU
 
 Each job prints `RESULT {json}`; all results go to DIR/results.json and DIR/table.md.
@@ -85,7 +86,8 @@ def table(results: list[dict], peak: float) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="configs or MOD:CONFIG:PART:MODE of the job list")
+    ap.add_argument("--jobs", default="", help="MOD:CONFIG:PART:MODE,... run in this order instead of the list")
     ap.add_argument("--root", default="/tmp/bench")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--tiny", action="store_true", help="the bundled tiny world on the CPU")
@@ -100,7 +102,8 @@ def main():
     print(f"world ready in {time.time() - t:.0f} s", flush=True)
     peak = matmul_tflops() if not a.tiny else None
     results = []
-    for mod, cfg, part, mode in (TINY_JOBS if a.tiny else JOBS):
+    jobs = [tuple(j.split(":")) for j in a.jobs.split(",") if j] or (TINY_JOBS if a.tiny else JOBS)
+    for mod, cfg, part, mode in jobs:
         if only and cfg not in only and f"{mod}:{cfg}:{part}:{mode}" not in only:
             continue
         script = ["-m", "experiments.bench.ours"] if mod == "ours" else [str(ROOT / "tests" / "diffusers_baseline.py")]
