@@ -109,6 +109,22 @@ def test_idle_vae_and_text_encoder_are_parked_and_come_back_for_previews(tiny_di
     assert not tr2.parked
 
 
+def test_the_step_encodes_images_in_the_vaes_dtype_like_the_cache(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                                   monkeypatch):
+    """Uncached latents are encoded as the latent cache encodes them: in the VAE's dtype, outside autocast."""
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "u", "train.cache_latents=false",
+                          "train.num_workers=0", "train.precision=bf16"))
+    seen = []
+    real = tr.sd.vae.encode
+
+    def spy(x):
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+        return real(x)
+    monkeypatch.setattr(tr.sd.vae, "encode", spy)
+    tr.optimizer_step()
+    assert seen and all(s == (False, tr.sd.vae.dtype) for s in seen), seen
+
+
 def _fixed_loss(tr, n=8):
     """Mean loss over the training set at fixed noise and timesteps (no dropout)."""
     g = torch.Generator().manual_seed(123)

@@ -16,15 +16,24 @@ import torch
 
 from experiments.bench.configs import CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak, sync, world
 
+_OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false"}
+
+
+def _mode(**on) -> list[str]:
+    """train.* overrides: the named switches on, the other speed switches off (not the config's auto)."""
+    return [f"{k}={v}" for k, v in {**_OFF, **{f"train.{n}": "true" for n in on}}.items()]
+
+
 MODES = {  # name -> train.* overrides
-    "eager": ["train.cuda_graph=false"],
-    "graph": ["train.cuda_graph=true"],
-    "graph_cl": ["train.cuda_graph=true", "train.channels_last=true"],
-    "graph_hn": ["train.cuda_graph=true", "train.half_norms=true"],
-    "graph_cl_hn": ["train.cuda_graph=true", "train.channels_last=true", "train.half_norms=true"],
-    "graph_fq": ["train.cuda_graph=true", "train.fused_projections=true"],
-    "graph_compile": ["train.cuda_graph=true", "train.compile=true"],
-    "compile": ["train.cuda_graph=false", "train.compile=true"],
+    "default": [],  # the config as shipped (on CUDA: graph, channels_last, half norms)
+    "eager": _mode(),
+    "graph": _mode(cuda_graph=1),
+    "graph_cl": _mode(cuda_graph=1, channels_last=1),
+    "graph_hn": _mode(cuda_graph=1, half_norms=1),
+    "graph_cl_hn": _mode(cuda_graph=1, channels_last=1, half_norms=1),
+    "graph_fq": _mode(cuda_graph=1, fused_projections=1),
+    "graph_compile": _mode(cuda_graph=1, compile=1),
+    "compile": _mode(compile=1),
 }
 
 
