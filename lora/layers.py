@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora import mask_replay
+
 
 def _autocast_on(device_type: str) -> bool:
     try:
@@ -83,13 +85,19 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _autocast_on(x.device.type):  # under autocast the matmul picks its dtype itself
             x = x.to(self.down.weight.dtype)
-        h = self.down(self.dropout(x))                                  # (..., r) or (B, r, H', W')
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        if self.training and p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask
+            keep = mask_replay.mask(self, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
+            x = x * keep * (1.0 / (1.0 - p))                            # nn.Dropout's scaling
+        else:
+            x = self.dropout(x)
+        h = self.down(x)                                                # (..., r) or (B, r, H', W')
         scale = self.scale * self.multiplier
         if self.training and self.rank_dropout > 0:  # kohya's rank dropout: drop rank channels per sample
             b, r = h.shape[0], self.rank
             shape = (b, r, 1, 1) if isinstance(self.down, nn.Conv2d) else (b,) + (1,) * (h.ndim - 2) + (r,)
-            mask = (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
-            h = h * mask
+            keep = mask_replay.mask(self, "rank", lambda: torch.rand(shape, device=h.device) > self.rank_dropout)
+            h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
         return self.up(h) * scale
 

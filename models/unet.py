@@ -255,10 +255,12 @@ class _Block(nn.Module):
     """Resnets (each optionally followed by a transformer) then an optional down/upsampler."""
     gradient_checkpointing = False
     preserve_rng_state = True
+    checkpoint_context = None
 
     def _run(self, fn, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
+            kw = {"context_fn": self.checkpoint_context} if self.checkpoint_context else {}
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state, **kw)
         return fn(*args)
 
 
@@ -383,14 +385,17 @@ class UNet2DConditionModel(nn.Module):
                 else:
                     m.__dict__.pop("forward", None)
 
-    def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True) -> None:
+    def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
+                                   context_fn=None) -> None:
         """Recompute each resnet and transformer in the backward pass: about 1/2 the activation memory.
         preserve_rng_state=False skips saving the RNG per block (needed inside a CUDA graph; correct only
-        when nothing random runs in the blocks, i.e. no dropout)."""
+        when nothing random runs in the blocks, or when the randomness is replayed: context_fn, e.g.
+        lora.mask_replay.context_fn for LoRA dropout)."""
         for m in self.modules():
             if isinstance(m, _Block):
                 m.gradient_checkpointing = enabled
                 m.preserve_rng_state = preserve_rng_state
+                m.checkpoint_context = context_fn
 
     @property
     def dtype(self) -> torch.dtype:

@@ -119,6 +119,21 @@ def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path
 
 
 @cuda
+def test_cuda_graph_with_checkpointing_and_lora_dropout_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                                     monkeypatch):
+    """Gradient checkpointing + LoRA dropout recorded in a graph (masks replayed, no RNG state saved) trains
+    like the eager step (which also saves the RNG state)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    common = ["device=cuda", "train.precision=fp32", "train.cudnn_benchmark=false", "train.grad_checkpointing=true",
+              "lora.dropout=0.2", "lora.rank_dropout=0.1"]
+    _, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common, "train.cuda_graph=false")
+    tr, lg, pg = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common, "train.cuda_graph=true")
+    assert tr.graphed is not None and not tr.graphed.failed
+    assert le == pytest.approx(lg, rel=1e-5), (le, lg)
+    assert _close(pe, pg, 1e-5)
+
+
+@cuda
 def test_cuda_graph_uncached_and_resume_exact(tiny_diffusers_folder, tiny_data, tmp_path):
     common = ["device=cuda", "train.precision=fp16", "lora.dropout=0.1", "train.max_steps=6",
               "train.cache_latents=false", "train.cache_text=false", "train.num_workers=0", "train.cuda_graph=true"]
@@ -272,18 +287,62 @@ def test_bucketed_training_runs_one_shape_per_batch(tiny_diffusers_folder, tmp_p
         assert all(np.isfinite(le))
 
 
-def test_graph_mode_refuses_checkpointing_with_dropout(tiny_diffusers_folder, tiny_data, tmp_path):
-    """Checkpointed blocks re-draw their dropout masks from a saved RNG state, which a CUDA graph cannot
-    record: auto turns the graph off (with a warning), true refuses; without dropout both are allowed."""
+def test_graph_mode_takes_checkpointing_with_lora_dropout_not_unet_dropout(tiny_diffusers_folder, tiny_data,
+                                                                            tmp_path):
+    """LoRA dropout in checkpointed blocks replays its kept masks, so the graph is allowed; the UNet's own
+    dropout would re-draw from a saved RNG state, which a CUDA graph cannot record: auto turns the graph
+    off (with a warning), true refuses."""
     tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "a", "train.grad_checkpointing=true",
-                          "lora.dropout=0.1"))
-    with pytest.warns(UserWarning, match="gradient checkpointing with dropout"):
+                          "lora.dropout=0.1", "lora.rank_dropout=0.1"))
+    assert tr._graph_wanted() is True
+    tr.sd.unet.config.dropout = 0.1
+    with pytest.warns(UserWarning, match="UNet's own dropout"):
         assert tr._graph_wanted() is False
     tr.cfg.train.cuda_graph = True
-    with pytest.raises(ValueError, match="gradient checkpointing with dropout"):
+    with pytest.raises(ValueError, match="UNet's own dropout"):
         tr._graph_wanted()
-    tr.cfg.lora.dropout = 0.0
-    assert tr._graph_wanted() is True
+
+
+def _unet_grads(folder, ckpt: bool, context_fn=None):
+    """One forward/backward of the tiny UNet with LoRA dropout 0.3 and rank dropout 0.2 (B non-zero). The
+    whole forward records, so adapters outside checkpointed blocks draw their masks the same way too."""
+    from lora import mask_replay
+    from lora.inject import inject_lora, lora_parameters
+    from models.load import load_model
+    unet = load_model(folder).unet
+    torch.manual_seed(1)
+    inject_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"], rank=4, alpha=4, dropout=0.3,
+                rank_dropout=0.2)
+    for n, p in unet.named_parameters():
+        if "lora.default.up" in n:
+            p.data.normal_(0, 0.1)
+    unet.train()
+    if ckpt:
+        unet.set_gradient_checkpointing(True, preserve_rng_state=False, context_fn=context_fn)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 500])
+    torch.manual_seed(2)
+    mask_replay.clear()
+    with mask_replay.recording():
+        out = unet(x, t, ctx)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in lora_parameters(unet)]
+
+
+def test_checkpointed_lora_dropout_replays_its_masks(tiny_diffusers_folder):
+    """Checkpointing without a saved RNG state (as in a CUDA graph) with LoRA and rank dropout: the
+    recomputation takes the forward's kept masks, so output and LoRA gradients equal the plain forward's
+    with the same masks. Drawing fresh masks in the recomputation instead gives other gradients."""
+    from lora import mask_replay
+    out_a, ga = _unet_grads(tiny_diffusers_folder, ckpt=False)
+    out_b, gb = _unet_grads(tiny_diffusers_folder, ckpt=True, context_fn=mask_replay.context_fn)
+    assert torch.equal(out_a, out_b)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ga, gb))
+    _, gc = _unet_grads(tiny_diffusers_folder, ckpt=True,
+                        context_fn=lambda: (mask_replay.recording(), mask_replay.recording()))
+    assert not all(torch.allclose(a, c, rtol=1e-3, atol=1e-6) for a, c in zip(ga, gc))
+    mask_replay.clear()
 
 
 def test_half_norms_match_autocast_within_half_rounding(tiny_diffusers_folder, tiny_data, tmp_path):

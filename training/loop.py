@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.cache import LatentCache, TextCache, attach_latent_cache
 from data.dataset import ImageCaptionDataset, collate
 from data.folder import scan_folder
+from lora import mask_replay
 from lora.inject import inject_lora, lora_parameters, set_enabled
 from lora.io import save_lora
 from models.load import load_model, pick_device
@@ -122,8 +123,9 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
         self.graph_mode = cuda and self._graph_wanted()
-        if tc.grad_checkpointing:  # in a graph the RNG state cannot be read: _graph_wanted made sure none is used
-            self.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=not self.graph_mode)
+        if tc.grad_checkpointing:  # in a graph the RNG state cannot be read: LoRA dropout masks are replayed
+            self.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=not self.graph_mode,
+                                                    context_fn=mask_replay.context_fn)
         self.opt = build_optimizer(groups, cfg.optim, capturable=self.graph_mode)
         self.opt_skips_on_device = bool(self.opt.defaults.get("fused"))
         for p in self.params:  # gradients live in fixed memory: zeroed and accumulated in place every step
@@ -153,10 +155,11 @@ class Trainer:
             why.append("lora.module_dropout skips whole modules at random from the host")
         if not self.cfg.optim.get("fused"):
             why.append("optim.fused=false")
-        random_in_blocks = L.get("dropout", 0.0) or L.get("rank_dropout", 0.0) or self.sd.unet.config.dropout
-        if tc.grad_checkpointing and random_in_blocks:
-            why.append("gradient checkpointing with dropout re-draws its masks from a saved RNG state, which a "
-                       "graph cannot record (set lora.dropout=0 to have both)")
+        # LoRA dropout in a checkpointed block replays its kept masks (lora/mask_replay.py); the UNet's own
+        # dropout would need the saved RNG state, which a graph cannot record.
+        if tc.grad_checkpointing and self.sd.unet.config.dropout:
+            why.append("gradient checkpointing with the UNet's own dropout re-draws its masks from a saved RNG "
+                       "state, which a graph cannot record")
         if why and want == "auto":
             warnings.warn("training without a CUDA graph: " + "; ".join(why))
             return False
@@ -323,6 +326,7 @@ class Trainer:
             with torch.set_grad_enabled(self.train_te), autocast(self.device, self.precision):
                 ctx = encode_text(self.sd.text_encoder, x["ids"], tc.get("clip_skip", 1))
         unet = self.sd.unet
+        mask_replay.clear()  # the previous micro-batch's backward is done with its kept masks
         with autocast(self.device, self.precision):
             zin = zt.to(unet.dtype)
             if self.channels_last:

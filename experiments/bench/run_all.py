@@ -26,7 +26,7 @@ TINY_JOBS = [  # (module, config, part, mode); "default" = the shipped config (o
     ("diffusers", "report", "unet", "eager"), ("diffusers", "report", "unet", "compile"),
     ("ours", "report", "full", "default"), ("diffusers", "report", "full", "eager"),
     ("ours", "seed000", "unet", "default"), ("diffusers", "seed000", "unet", "eager"),
-    # gradient checkpointing with LoRA dropout cannot be recorded in a graph: "default" is our no-sync eager step
+    # gradient checkpointing with LoRA dropout: recorded in the graph since its masks are replayed (lora/mask_replay.py)
     ("ours", "seed000_ckpt", "unet", "default"), ("diffusers", "seed000_ckpt", "unet", "eager"),
     ("ours", "b8_bf16", "unet", "eager"), ("ours", "b8_bf16", "unet", "graph"),
     ("ours", "b8_bf16", "unet", "graph_cl"), ("ours", "b8_bf16", "unet", "graph_hn"),
