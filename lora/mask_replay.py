@@ -5,7 +5,8 @@ must draw the same masks again. torch's way (`preserve_rng_state`) saves the RNG
 block and restores it for the recomputation, which a CUDA graph cannot record. Here the forward keeps
 each adapter's masks (bool: 1 byte per element of the adapter's input, against the 2-byte activations
 that checkpointing saves) and the recomputation takes them back in order, so nothing random is drawn
-twice and the block needs no RNG state. Passed to torch.utils.checkpoint as `context_fn`.
+twice and the block needs no RNG state. Passed to torch.utils.checkpoint as `context_fn`; the trainer
+does so only for a step recorded as a CUDA graph (eagerly, saving the RNG state costs no memory).
 
 While no checkpointed forward runs (`_mode` None), adapters use nn.Dropout as usual.
 """

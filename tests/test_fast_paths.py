@@ -9,8 +9,10 @@ from training.loop import Trainer
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 
-def _losses(folder, data, run, *extra):
+def _losses(folder, data, run, *extra, prepare=None):
     tr = Trainer(make_cfg(folder, data, run, *extra))
+    if prepare:
+        prepare(tr)
     out = [tr.optimizer_step() for _ in range(4)]
     return tr, [r["loss"] for r in out], [p.detach().clone() for p in tr.params]
 
@@ -121,12 +123,17 @@ def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path
 @cuda
 def test_cuda_graph_with_checkpointing_and_lora_dropout_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path,
                                                                      monkeypatch):
-    """Gradient checkpointing + LoRA dropout recorded in a graph (masks replayed, no RNG state saved) trains
-    like the eager step (which also saves the RNG state)."""
+    """Gradient checkpointing + LoRA dropout recorded in a graph (masks kept and replayed, no RNG state saved)
+    trains like the eager step given the same mask replay (eager keeps only the RNG state by default)."""
+    from lora import mask_replay
+
+    def replay(tr):
+        tr.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=True, context_fn=mask_replay.context_fn)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     common = ["device=cuda", "train.precision=fp32", "train.cudnn_benchmark=false", "train.grad_checkpointing=true",
               "lora.dropout=0.2", "lora.rank_dropout=0.1"]
-    _, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common, "train.cuda_graph=false")
+    _, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common, "train.cuda_graph=false",
+                        prepare=replay)
     tr, lg, pg = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common, "train.cuda_graph=true")
     assert tr.graphed is not None and not tr.graphed.failed
     assert le == pytest.approx(lg, rel=1e-5), (le, lg)

@@ -123,9 +123,11 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
         self.graph_mode = cuda and self._graph_wanted()
-        if tc.grad_checkpointing:  # in a graph the RNG state cannot be read: LoRA dropout masks are replayed
+        if tc.grad_checkpointing:
+            # In a graph the RNG state cannot be saved: the LoRA dropout masks are kept for the recomputation
+            # instead (1 byte per adapter input element, so only there).
             self.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=not self.graph_mode,
-                                                    context_fn=mask_replay.context_fn)
+                                                    context_fn=mask_replay.context_fn if self.graph_mode else None)
         self.opt = build_optimizer(groups, cfg.optim, capturable=self.graph_mode)
         self.opt_skips_on_device = bool(self.opt.defaults.get("fused"))
         for p in self.params:  # gradients live in fixed memory: zeroed and accumulated in place every step
