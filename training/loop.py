@@ -93,6 +93,7 @@ class Trainer:
             self.te_report = inject_lora(self.sd.text_encoder, plain(T.targets), rank=T.rank,
                                          alpha=T.alpha, **lkw)
         cuda = self.device.type == "cuda"
+
         def on(switch):  # auto: on where experiments/bench/RESULTS.md measured a win (CUDA)
             v = tc.get(switch, False)
             return cuda if v == "auto" else bool(v)
@@ -236,6 +237,7 @@ class Trainer:
             self._park()
 
     def _park(self):
+        """The VAE and the text encoder to host memory (their GPU memory back to the allocator's pool)."""
         self.sd.vae.to("cpu"), self.sd.text_encoder.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
