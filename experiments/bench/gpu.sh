@@ -3,7 +3,9 @@
 #   experiments/bench/gpu.sh [run_all args, e.g. --only report,sampling]
 # Writes gpu_tests.log, bench.log, results.json and table.md into $OUT (default bench_out).
 # TESTS_S / BENCH_S bound the two parts (150 s / 420 s: one device call); SKIP_TESTS=1 skips the tests.
-# diffusers/peft/hydra missing on the machine? Put their wheels in .whl/ (installed to /tmp/site first).
+# diffusers/peft/hydra missing on the machine? Put their wheels in .whl/ (installed to /tmp/site first); on the
+# H100 image (torch 2.11, peft present) these were needed: diffusers 0.42.1, importlib_metadata, hydra-core 1.3.8,
+# omegaconf 2.3.1, antlr4-python3-runtime 4.9.3 (the last via `pip wheel --no-deps`: it has no wheel on PyPI).
 set -o pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
