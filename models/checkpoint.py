@@ -86,14 +86,20 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
 
 @contextlib.contextmanager
 def no_init():
-    """Build modules without drawing random initial weights (torch.nn.init is a no-op inside): for modules
-    whose every parameter and buffer a strict load (load_strict) overwrites next. At SD1.5 size the random
-    initialisation took 14 of the 19 s of a load on a 2-core CPU."""
+    """Build modules without drawing random initial weights (torch.nn.init is a no-op inside, and so is
+    transformers' own initialisation, for the CLIP text encoder): for modules whose every parameter and buffer
+    a strict load (load_strict) overwrites next. At SD1.5 size the random initialisation took 14 of the 19 s
+    of a load on a 2-core CPU."""
+    try:
+        from transformers.initialization import no_init_weights          # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights          # 4.x
     saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS}
     try:
         for n in _INIT_FUNCTIONS:
             setattr(nn.init, n, lambda tensor, *a, **k: tensor)
-        yield
+        with no_init_weights():
+            yield
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)

@@ -161,7 +161,8 @@ def load_vae_folder(folder: Path, variant: str | None = None) -> AutoencoderKL:
 
 
 def load_text_encoder_folder(folder: Path, variant: str | None = None) -> nn.Module:
-    te = text.build_text_encoder(_read_config(folder), empty=True)
+    with no_init():
+        te = text.build_text_encoder(_read_config(folder))
     sd, src = _read_weights(folder, "model", variant)
     load_strict(te, text.from_published(sd, te), src)
     return te.eval()
@@ -254,7 +255,8 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
         load_strict(vae, _take(sd, vmap, consumed, f"{path} (VAE)", ldm_keys.is_vae_attention_conv),
                     f"{path} (VAE)")
 
-    te = text.build_text_encoder(tcfg, empty=True)
+    with no_init():
+        te = text.build_text_encoder(tcfg)
     tsd = {}
     for k, v in sd.items():
         if k.startswith(ldm_keys.TEXT_PREFIX):

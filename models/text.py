@@ -13,8 +13,6 @@ whatever transformers is installed.
 """
 from __future__ import annotations
 
-import contextlib
-
 import warnings
 from pathlib import Path
 
@@ -70,20 +68,10 @@ def save_tokenizer(tok: CLIPTokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def build_text_encoder(config: dict, empty: bool = False) -> CLIPTextModel:
-    """empty: skip the random initialisation (transformers' own no_init_weights) for a model whose weights are
-    loaded strictly next."""
+def build_text_encoder(config: dict) -> CLIPTextModel:
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     cfg._attn_implementation = "sdpa"
-    skip = contextlib.nullcontext()
-    if empty:
-        try:
-            from transformers.initialization import no_init_weights          # transformers >= 5
-        except ImportError:
-            from transformers.modeling_utils import no_init_weights          # 4.x
-        skip = no_init_weights()
-    with skip:
-        return CLIPTextModel(cfg).eval()
+    return CLIPTextModel(cfg).eval()
 
 
 def _flattened(model: CLIPTextModel) -> bool:

@@ -196,6 +196,7 @@ class Trainer:
             if self.prior is not None:
                 attach_latent_cache(self.prior, cache)
         self.text_cache = None
+        self.parked = False  # set below, once the caches are full
         if tc.cache_text and not self.train_te:
             self.text_cache = TextCache(lambda caps: self._encode_text(caps).cpu())
             if not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0):  # captions fixed up front
@@ -227,7 +228,7 @@ class Trainer:
     def _frozen_on_device(self):
         """The VAE and the text encoder on the training device for the duration (they are parked in host
         memory between previews when the caches make them idle)."""
-        if not getattr(self, "parked", False):
+        if not self.parked:
             yield
             return
         self.sd.vae.to(self.device), self.sd.text_encoder.to(self.device)
