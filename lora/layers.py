@@ -82,7 +82,10 @@ class LoRAAdapter(nn.Module):
             delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
         return delta * (self.scale * self.multiplier)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * multiplier * down(dropout(x)), rank dropout applied: (..., r) or (B, r, H', W').
+        The scale multiplies this rank-sized tensor, not the layer-sized output (same product, r/out of the
+        elementwise work)."""
         if not _autocast_on(x.device.type):  # under autocast the matmul picks its dtype itself
             x = x.to(self.down.weight.dtype)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
@@ -97,9 +100,32 @@ class LoRAAdapter(nn.Module):
             b, r = h.shape[0], self.rank
             shape = (b, r, 1, 1) if isinstance(self.down, nn.Conv2d) else (b,) + (1,) * (h.ndim - 2) + (r,)
             keep = mask_replay.mask(self, "rank", lambda: torch.rand(shape, device=h.device) > self.rank_dropout)
-            h = h * keep.to(h.dtype)
-            scale = scale / (1.0 - self.rank_dropout)
-        return self.up(h) * scale
+            return h * (keep.to(h.dtype) * (scale / (1.0 - self.rank_dropout)))
+        return h * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This adapter's contribution, scale * multiplier * up(down(dropout(x)))."""
+        return self.up(self.scaled_down(x))
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + forward(x). Where the up projection is a plain matrix product over y's channels (Linear; a
+        1x1 conv on channels_last tensors) it runs as one addmm, y + h @ B^T, which cuBLAS adds into y in
+        its epilogue: no layer-sized elementwise add forward, none backward (the gradient to y passes
+        through). Elsewhere (dtypes that differ outside autocast, NCHW convs) the plain sum."""
+        h = self.scaled_down(x)
+        w = self.up.weight                                              # (out, r) or (out, r, 1, 1)
+        dev = y.device.type
+        if (_autocast_on(dev) and y.dtype == torch.get_autocast_dtype(dev)) or h.dtype == y.dtype == w.dtype:
+            if isinstance(self.up, nn.Linear):
+                out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), w.t())
+                return out.view(y.shape).to(y.dtype)
+            cl = torch.channels_last
+            if y.ndim == 4 and y.is_contiguous(memory_format=cl) and h.is_contiguous(memory_format=cl):
+                b, c, hh, ww = y.shape                                  # NHWC in memory: (B*H*W, C) views
+                out = torch.addmm(y.permute(0, 2, 3, 1).reshape(-1, c), h.permute(0, 2, 3, 1).reshape(-1, self.rank),
+                                  w[:, :, 0, 0].t())
+                return out.view(b, hh, ww, c).permute(0, 3, 1, 2).to(y.dtype)
+        return y + self.up(h).to(y.dtype)
 
 
 class LoRALayer(nn.Module):
@@ -133,7 +159,7 @@ class LoRALayer(nn.Module):
                 continue
             if self.training and a.module_dropout > 0 and torch.rand(()) < a.module_dropout:
                 continue  # kohya's module dropout: skip this LoRA for the whole step
-            y = y + a(x).to(y.dtype)
+            y = a.add_to(x, y)
         return y
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory,  # noqa: E402
-                                       reset_peak, sync, world)
+                                       reset_peak, split_peak, sync, world)
 from experiments.bench.world import CAPTIONS  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,13 +94,15 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
     for _ in range(w["warm"]):
         step()
     sync(dev)
+    warm_peak = peak_memory(dev)
+    reset_peak(dev)
     t0 = time.perf_counter()
     for _ in range(w["steps"]):
         loss = step()
     sync(dev)
     dt = (time.perf_counter() - t0) / w["steps"]
     return {"impl": "diffusers+peft", "config": name, "part": part, "mode": mode, "device": dev, "s_per_step": dt,
-            "images_per_s": b / dt, "warmup_s": t0 - t_first, **peak_memory(dev), "last_loss": loss,
+            "images_per_s": b / dt, "warmup_s": t0 - t_first, **split_peak(dev, warm_peak), "last_loss": loss,
             "lora_params": sum(p.numel() for p in params)}
 
 
@@ -121,9 +123,10 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) ->
         return pipe(CAPTIONS[0], negative_prompt="blurry, distorted face", num_inference_steps=steps,
                     guidance_scale=guidance, height=size, width=size,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    median, first = median_seconds(one, dev, repeats)
+    peaks = []
+    median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
     return {"impl": "diffusers+peft", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}",
-            "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **peak_memory(dev)}
+            "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
 if __name__ == "__main__":

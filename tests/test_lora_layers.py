@@ -109,6 +109,47 @@ def test_two_adapters_weighted_sum_equals_explicit_weight(kind):
         assert torch.equal(base.weight, w0)  # restored bit for bit
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv_cl", "conv"])
+def test_lora_sum_runs_inside_the_up_matmul(kind):
+    """add_to (the layer's path) adds the LoRA into the base output inside one addmm for Linear and for
+    channels_last convs: no separate layer-sized add. Values and gradients equal base + up(down(x)) * s."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    base, x = _layer("linear" if kind == "linear" else "conv")
+    if kind == "conv_cl":
+        base, x = base.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    layer = LoRALayer(base).train()
+    a = layer.add_adapter("a", rank=3, alpha=5.0)
+    b = layer.add_adapter("b", rank=2, alpha=1.0)
+    for ad in (a, b):
+        nn.init.normal_(ad.up.weight)
+    a.multiplier = 0.7
+    x = x.requires_grad_()
+    with Ops() as ops:
+        y = layer(x)
+    fused = kind != "conv"
+    assert ("aten.addmm" in ops.seen) == fused and (ops.seen.count("aten.add") == 0) == fused, ops.seen
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, a.up.weight, a.down.weight, b.up.weight], gy)
+    # the plain formula, worked out by hand: base(x) + sum_a m_a * (alpha_a / r_a) * B_a A_a x
+    def delta(ad, m, s):
+        return ad.up(ad.down(x)) * (m * s)
+    want_y = base(x) + delta(a, 0.7, 5.0 / 3) + delta(b, 1.0, 0.5)
+    want = torch.autograd.grad(want_y, [x, a.up.weight, a.down.weight, b.up.weight], gy)
+    assert torch.allclose(y, want_y, atol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4)
+
+
 def test_merge_unmerge_remove_on_unet():
     ref = diffusers_unet("sd15")
     ours = ours_from(ref)

@@ -50,6 +50,17 @@ def peak_memory(device: str) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30}
 
 
+def split_peak(device: str, first: dict) -> dict:
+    """The run's peak (the larger of the warm-up's `first` and the timed part's) and the timed part's own
+    peak as `steady_alloc_gib`: warm-up alone holds cuDNN's algorithm search workspaces and graph recording."""
+    last = peak_memory(device)
+    if "peak_alloc_gib" not in last:
+        return last
+    return {"peak_alloc_gib": max(first["peak_alloc_gib"], last["peak_alloc_gib"]),
+            "peak_reserved_gib": max(first["peak_reserved_gib"], last["peak_reserved_gib"]),
+            "steady_alloc_gib": last["peak_alloc_gib"], "warmup_alloc_gib": first["peak_alloc_gib"]}
+
+
 def reset_peak(device: str) -> None:
     import torch
     if device == "cuda":
@@ -57,14 +68,16 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def median_seconds(fn, device: str, repeats: int = 3) -> tuple[float, float]:
-    """Call fn(0) once (warm-up: graphs, kernels, caches), then fn(1..repeats), each timed between device
-    syncs. -> (median seconds, the first call's seconds)."""
+def median_seconds(fn, device: str, repeats: int = 3, after_first=None) -> tuple[float, float]:
+    """Call fn(0) once (warm-up: graphs, kernels, caches), then `after_first()`, then fn(1..repeats), each
+    timed between device syncs. -> (median seconds, the first call's seconds)."""
     import time
     t = time.perf_counter()
     fn(0)
     sync(device)
     first = time.perf_counter() - t
+    if after_first is not None:
+        after_first()
     times = []
     for r in range(repeats):
         sync(device)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.configs import CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak, sync, world
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak,
+                                      split_peak, sync, world)
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false"}
 
@@ -31,6 +32,7 @@ MODES = {  # name -> train.* overrides
     "graph_cl": _mode(cuda_graph=1, channels_last=1),
     "graph_hn": _mode(cuda_graph=1, half_norms=1),
     "graph_cl_hn": _mode(cuda_graph=1, channels_last=1, half_norms=1),
+    "cl_hn": _mode(channels_last=1, half_norms=1),  # the default's kernels, launched eagerly (for the profiler)
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -67,6 +69,8 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
             tr.launch_step()
             tr.drain()
         sync(dev)
+        warm_peak = peak_memory(dev)
+        reset_peak(dev)
         t0 = time.perf_counter()
         recs = []
         for i in range(w["steps"]):
@@ -77,7 +81,7 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
         sync(dev)
         dt = (time.perf_counter() - t0) / w["steps"]
         return {"impl": "ours", "config": name, "part": part, "mode": mode, "device": dev, "s_per_step": dt,
-                "images_per_s": CONFIGS[name]["batch"] / dt, "warmup_s": t0 - t_first, **peak_memory(dev),
+                "images_per_s": CONFIGS[name]["batch"] / dt, "warmup_s": t0 - t_first, **split_peak(dev, warm_peak),
                 "last_loss": recs[-1]["loss"], "skipped": sum(r["skipped"] for r in recs),
                 "lora_params": tr.report.num_parameters, "flops_per_step": flops,
                 "graph_failed": tr.graphed.failed if tr.graphed is not None else None}
@@ -104,17 +108,17 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     c = CONFIGS["report"]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
-    torch.backends.cudnn.benchmark = True
-    reset_peak(dev)
+    reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
     size = w["resolution"]
 
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
                         cuda_graph=mode == "graph")
-    median, first = median_seconds(one, dev, repeats)
+    peaks = []
+    median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
     return {"impl": "ours", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
-            "device": dev, "s_per_image": median, "first_call_s": first, **peak_memory(dev)}
+            "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
 if __name__ == "__main__":

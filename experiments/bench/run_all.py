@@ -72,6 +72,8 @@ def table(results: list[dict], peak: float) -> str:
                 note += f" = {100 * f / r['s_per_step'] / 1e12 / peak:.0f}% of bf16 matmul"
         mem = (f"{r['peak_alloc_gib']:.2f} / {r.get('peak_reserved_gib', float('nan')):.2f}" if "peak_alloc_gib" in r
                else f"{r.get('peak_rss_gib', float('nan')):.2f}")
+        if "steady_alloc_gib" in r:
+            note += f"; after warm-up {r['steady_alloc_gib']:.2f} GiB"
         if r.get("graph_failed"):
             note += " graph failed: " + r["graph_failed"][:60]
         rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | {t:.4f} | "
