@@ -3,7 +3,8 @@
     python -m experiments.bench.profile CONFIG [MODE] [ROOT]      (MODE: an ours.MODES name; default eager)
 
 Prints the step's wall time, the summed kernel time (busy) and its split into matmul, convolution,
-attention, normalisation, elementwise/copy and optimizer kernels, then the 25 costliest kernels.
+attention, normalisation, elementwise/copy and optimizer kernels, the 25 costliest kernels, then the
+30 operators (with input shapes) whose own kernels cost most.
 The kernels are the same whether the step is replayed from a CUDA graph or launched eagerly; eager
 shows the names.
 """
@@ -50,7 +51,7 @@ def main():
             tr.launch_step()
         tr.drain()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
             t = time.perf_counter()
             for _ in range(steps):
                 tr.launch_step()
@@ -62,8 +63,8 @@ def main():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
             us = e.device_time / steps
             by_kind[kind(e.name)] += us
-            by_name[e.name[:90]] += us
-            count[e.name[:90]] += 1
+            by_name[e.name[:160]] += us
+            count[e.name[:160]] += 1
     busy = sum(by_kind.values())
     if not busy:  # this torch lists kernels differently: its own table
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
@@ -74,6 +75,11 @@ def main():
         print(f"  {k:18s} {us / 1e3:7.2f} ms  {100 * us / busy:5.1f}%")
     for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {us / 1e3:7.3f} ms  x{count[n] // steps:<4d} {n}")
+    print("operators by the kernel time they launch themselves (self), with their input shapes:")
+    ops = [o for o in prof.key_averages(group_by_input_shape=True) if o.self_device_time_total > 0]
+    for o in sorted(ops, key=lambda o: -o.self_device_time_total)[:30]:
+        print(f"  {o.self_device_time_total / steps / 1e3:7.3f} ms  x{o.count // steps:<4d} {o.key:32s} "
+              f"{str(o.input_shapes)[:110]}")
 
 
 if __name__ == "__main__":
