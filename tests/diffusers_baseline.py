@@ -22,6 +22,7 @@ from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, pea
 from experiments.bench.world import CAPTIONS  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+NEG = "blurry, distorted face"
 
 
 def load(folder: Path, dtype, device):
@@ -120,7 +121,7 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) ->
     size = w["resolution"]
 
     def one(seed):
-        return pipe(CAPTIONS[0], negative_prompt="blurry, distorted face", num_inference_steps=steps,
+        return pipe(CAPTIONS[0], negative_prompt=NEG, num_inference_steps=steps,
                     guidance_scale=guidance, height=size, width=size,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     peaks = []
@@ -129,8 +130,50 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) ->
             "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
+def sampling_memory(w: dict) -> dict:
+    """experiments/bench/memory_phases.py's diffusers side: allocated GiB after loading, the denoising loop's
+    peak, the VAE decode's peak."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    dev, size = w["device"], w["resolution"]
+    unet, vae, te, tok = load(w["model"], DT.get(w["sample_dtype"], torch.float32), dev)
+    add_lora(unet, CONFIGS["report"], 0.0, fp32=False)
+    unet.eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler.from_pretrained(w["model"], subfolder="scheduler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = {"loaded": torch.cuda.memory_allocated() / 2 ** 30 if dev == "cuda" else 0.0}
+    loop = {}
+
+    def cb(p, i, t, kw):
+        loop["peak"] = _gpu_peak()
+        return kw
+    for run in range(2):
+        reset_peak(dev)
+        lat = pipe(CAPTIONS[0], negative_prompt=NEG, num_inference_steps=50, guidance_scale=7.5, height=size,
+                   width=size, generator=torch.Generator("cpu").manual_seed(run), output_type="latent",
+                   callback_on_step_end=cb).images
+        out[f"run{run}_loop"] = loop["peak"]
+    reset_peak(dev)
+    with torch.no_grad():
+        vae.decode(lat / vae.config.scaling_factor, return_dict=False)
+    out["decode_only"] = _gpu_peak()
+    return out
+
+
+def _gpu_peak() -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv)
+    if args[0] == "sampling_memory":
+        print("diffusers", " ".join(f"{k}={v:.3f}" for k, v in sampling_memory(w).items()), flush=True)
+        sys.exit(0)
     res = sample(w) if args[0] == "sampling" else measure(args[0], args[1], args[2], w)
     print("RESULT " + json.dumps(res), flush=True)

@@ -36,6 +36,7 @@ MODES = {  # name -> train.* overrides
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
+    "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
 }
 
 
