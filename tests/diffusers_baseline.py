@@ -159,6 +159,9 @@ def sampling_memory(w: dict) -> dict:
     with torch.no_grad():
         vae.decode(lat / vae.config.scaling_factor, return_dict=False)
     out["decode_only"] = _gpu_peak()
+    from experiments.bench.memory_phases import trace_peaks
+    reset_peak(dev)
+    print("\n".join(trace_peaks(vae, lambda: vae.decode(lat / vae.config.scaling_factor, return_dict=False))))
     return out
 
 

@@ -30,6 +30,35 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / GIB
 
 
+def trace_peaks(module: torch.nn.Module, run) -> list[str]:
+    """Run `run()` with a hook after every submodule's forward; -> one line for each module that raised the
+    peak: its name, the new peak and the allocated memory after it (MiB), its output's layout (cl/nchw)."""
+    lines, last = [], [0.0]
+
+    def hook(name):
+        def after(m, args, out):
+            if not torch.cuda.is_available():
+                return
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            if peak > last[0] + 1:
+                t = out if torch.is_tensor(out) else None
+                lay = "" if t is None or t.ndim != 4 else (" nchw" if t.is_contiguous() else
+                                                           " cl" if t.is_contiguous(memory_format=torch.channels_last)
+                                                           else " strided")
+                lines.append(f"{name or '<top>'}: peak {peak:.0f} alloc {torch.cuda.memory_allocated() / 2 ** 20:.0f}"
+                             f"{lay}")
+                last[0] = peak
+        return after
+    hooks = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return lines
+
+
 def ours(w: dict) -> dict:
     from lora.inject import inject_lora
     from models.load import load_model
@@ -54,6 +83,8 @@ def ours(w: dict) -> dict:
     with torch.no_grad():
         sd.vae.decode_latents(latents["x"].to(sd.vae.dtype))
     out["decode_only"] = _peak()
+    reset_peak(dev)
+    print("\n".join(trace_peaks(sd.vae, lambda: sd.vae.decode_latents(latents["x"].to(sd.vae.dtype)))))
     return out
 
 
