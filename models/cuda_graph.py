@@ -12,6 +12,7 @@ what it returns lives in the graph's memory and is overwritten by the next repla
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -19,10 +20,15 @@ from torch import nn
 
 
 def capture(fn: Callable[[], object], warmup: int = 2, restore: Callable[[], None] | None = None,
-            pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+            pool=None, stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Run `fn` `warmup` times on a side stream (kernel selection, lazy allocations, compilation),
-    call `restore` (undo what the warm-up runs changed), then record one call. -> (graph, its output)."""
-    s = torch.cuda.Stream()
+    call `restore` (undo what the warm-up runs changed), then record one call on the same stream.
+    -> (graph, its output).
+
+    Pass the caller's own `stream` to keep recording on one stream: cuBLAS keeps a workspace (32 MiB on
+    an H100) for every stream it has run on, for the life of the process; a fresh stream per recording,
+    plus torch's own capture stream, cost 67 MB of sampling's peak (experiments/bench/memory_phases.py)."""
+    s = stream if stream is not None else torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(warmup):
@@ -33,9 +39,22 @@ def capture(fn: Callable[[], object], warmup: int = 2, restore: Callable[[], Non
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the warm-up's blocks belong to the side stream: give them back before recording
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=s):
         out = fn()
     return graph, out
+
+
+@contextmanager
+def on_stream(stream: torch.cuda.Stream | None):
+    """Run the enclosed CUDA work on `stream` (ordered after the current stream's work, and before what
+    follows); None: where it would run anyway."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 def lora_signature(module: nn.Module) -> tuple:
@@ -59,6 +78,17 @@ class GraphedUNet:
     def __init__(self, unet: nn.Module, max_graphs: int = 4):
         self.unet, self.max_graphs = unet, max_graphs
         self.graphs: OrderedDict = OrderedDict()
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The one stream its graphs are recorded on; sampling runs its other work there too (`on_stream`),
+        so that the whole of a generate() call keeps one cuBLAS workspace, as an eager pipeline does.
+        None off CUDA (the tests' CPU stand-in for recording)."""
+        device = self.unet.conv_in.weight.device
+        if self._stream is None and device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
 
     @property
     def dtype(self):
@@ -76,7 +106,7 @@ class GraphedUNet:
                torch.is_autocast_enabled("cuda"), self.unet.training, lora_signature(self.unet))
         if key not in self.graphs:
             static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone()}
-            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]))
+            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]), stream=self.stream)
             self.graphs[key] = (graph, static, out)
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)

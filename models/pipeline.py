@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from models.cuda_graph import graphed_unet
+from models.cuda_graph import GraphedUNet, graphed_unet, on_stream
 from models.load import StableDiffusion
 from models.samplers import get_sampler, guided
 from models.schedule import NoiseSchedule
@@ -66,22 +66,24 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     fn = get_sampler(sampler)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
     device, dtype = sd.unet.conv_in.weight.device, sd.unet.dtype
-    cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
-    uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
-    n_tok = max(cond.shape[1], uncond.shape[1])
-    cond = _pad_to(cond, n_tok).repeat(num_images, 1, 1)
-    uncond = _pad_to(uncond, n_tok).repeat(num_images, 1, 1)
     unet = graphed_unet(sd.unet) if cuda_graph and device.type == "cuda" else sd.unet
-    model = guided(unet, cond, uncond, guidance_scale, guidance_rescale)
+    # with a graph, all of the call runs on the graph's stream: one cuBLAS workspace, as eager sampling keeps
+    with on_stream(unet.stream if isinstance(unet, GraphedUNet) else None):
+        cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
+        uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
+        n_tok = max(cond.shape[1], uncond.shape[1])
+        cond = _pad_to(cond, n_tok).repeat(num_images, 1, 1)
+        uncond = _pad_to(uncond, n_tok).repeat(num_images, 1, 1)
+        model = guided(unet, cond, uncond, guidance_scale, guidance_rescale)
 
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
-    x0 = None
-    if init_image is not None:
-        x0 = sd.vae.encode_latents(init_image.to(device, sd.vae.dtype).expand(num_images, -1, -1, -1),
-                                   generator=g).float()
-    noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
-    opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
-    latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
-    images = sd.vae.decode_latents(latents.to(sd.vae.dtype), slice_size=decode_slice)
-    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
+        x0 = None
+        if init_image is not None:
+            x0 = sd.vae.encode_latents(init_image.to(device, sd.vae.dtype).expand(num_images, -1, -1, -1),
+                                       generator=g).float()
+        noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+        opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
+        latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
+        images = sd.vae.decode_latents(latents.to(sd.vae.dtype), slice_size=decode_slice)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

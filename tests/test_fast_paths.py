@@ -180,7 +180,7 @@ class _FakeGraph:
         return None
 
 
-def _fake_capture(fn, warmup=2, restore=None, pool=None):
+def _fake_capture(fn, warmup=2, restore=None, pool=None, stream=None):
     for _ in range(warmup):
         fn()
     if restore is not None:
@@ -224,7 +224,7 @@ def test_a_failed_recording_leaves_the_run_as_eager(tiny_diffusers_folder, tiny_
     from models import cuda_graph
     from training.graph_step import GraphedStep
 
-    def failing(fn, warmup=2, restore=None, pool=None):
+    def failing(fn, warmup=2, restore=None, pool=None, stream=None):
         for _ in range(warmup):
             fn()
         raise RuntimeError("operation not permitted when stream is capturing")

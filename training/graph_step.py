@@ -26,6 +26,7 @@ class GraphedStep:
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
+        self.device, self.stream = device, None  # the one stream every recording runs on (made at the first)
         self.failed: str | None = None   # why recording failed (then every step runs eagerly)
 
     @staticmethod
@@ -49,7 +50,10 @@ class GraphedStep:
                             v.copy_(opt_saved[p][k]) if p in opt_saved else v.zero_()
             self.rng[1](rng)           # LoRA dropout draws the same masks as without the warm-up
         try:
-            graph, out = cuda_graph.capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool)
+            if self.stream is None and self.device == "cuda":  # cuBLAS keeps a workspace per stream it runs on
+                self.stream = torch.cuda.Stream()
+            graph, out = cuda_graph.capture(lambda: self.step_fn(inputs), warmup=2, restore=restore, pool=self.pool,
+                                            stream=self.stream)
         except RuntimeError:
             restore()  # a failed warm-up or recording leaves the run as it found it (the caller goes on eagerly)
             raise
