@@ -24,8 +24,9 @@ from experiments.bench.ours import trainer
 
 KINDS = [  # (kind, substrings of a kernel name), first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
-    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "ampere_", "sm80_", "cublas", "splitk")),
+    # cuDNN's convolutions are implicit GEMMs named sm90_xmma_{fprop,dgrad,wgrad}_implicit_gemm: before matmul
     ("conv", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "nchwtonhwc", "nhwctonchw")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "ampere_", "sm80_", "cublas", "splitk")),
     ("norm", ("norm", "welford")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("reduce", ("reduce",)),
