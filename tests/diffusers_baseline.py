@@ -135,6 +135,7 @@ def sampling_memory(w: dict) -> dict:
     peak, the VAE decode's peak."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from experiments.bench.memory_phases import peak_gib, trace_peaks
     dev, size = w["device"], w["resolution"]
     unet, vae, te, tok = load(w["model"], DT.get(w["sample_dtype"], torch.float32), dev)
     add_lora(unet, CONFIGS["report"], 0.0, fp32=False)
@@ -147,7 +148,7 @@ def sampling_memory(w: dict) -> dict:
     loop = {}
 
     def cb(p, i, t, kw):
-        loop["peak"] = _gpu_peak()
+        loop["peak"] = peak_gib()
         return kw
     for run in range(2):
         reset_peak(dev)
@@ -158,18 +159,10 @@ def sampling_memory(w: dict) -> dict:
     reset_peak(dev)
     with torch.no_grad():
         vae.decode(lat / vae.config.scaling_factor, return_dict=False)
-    out["decode_only"] = _gpu_peak()
-    from experiments.bench.memory_phases import trace_peaks
+    out["decode_only"] = peak_gib()
     reset_peak(dev)
     print("\n".join(trace_peaks(vae, lambda: vae.decode(lat / vae.config.scaling_factor, return_dict=False))))
     return out
-
-
-def _gpu_peak() -> float:
-    if not torch.cuda.is_available():
-        return 0.0
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 if __name__ == "__main__":

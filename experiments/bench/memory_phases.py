@@ -23,7 +23,8 @@ GIB = 2 ** 30
 NEG = "blurry, distorted face"
 
 
-def _peak() -> float:
+def peak_gib() -> float:
+    """Peak allocated GiB since the last reset (0 without CUDA)."""
     if not torch.cuda.is_available():  # --tiny on a CPU: runs the code, measures nothing
         return 0.0
     torch.cuda.synchronize()
@@ -74,15 +75,15 @@ def ours(w: dict) -> dict:
         latents = {}
 
         def cb(i, t, x, x0_hat):
-            loop["peak"] = _peak()
+            loop["peak"] = peak_gib()
             latents["x"] = x
 
         generate(sd, CAPTIONS[0], NEG, steps=50, seed=run, height=size, width=size, callback=cb)
-        out[f"run{run}_loop"], out[f"run{run}_total"] = loop["peak"], _peak()
+        out[f"run{run}_loop"], out[f"run{run}_total"] = loop["peak"], peak_gib()
     reset_peak(dev)
     with torch.no_grad():
         sd.vae.decode_latents(latents["x"].to(sd.vae.dtype))
-    out["decode_only"] = _peak()
+    out["decode_only"] = peak_gib()
     reset_peak(dev)
     print("\n".join(trace_peaks(sd.vae, lambda: sd.vae.decode_latents(latents["x"].to(sd.vae.dtype)))))
     return out
