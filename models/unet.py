@@ -248,7 +248,12 @@ class Transformer2DModel(nn.Module):
 
 def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        return type(self).forward(self, x.to(self.weight.dtype))
+        x = x.to(self.weight.dtype)
+        if self.__dict__.get("nhwc"):
+            from models import nhwc_group_norm  # Triton: imported only where asked for
+            if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm
+                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
+        return type(self).forward(self, x)
 
 
 class _Block(nn.Module):
@@ -374,16 +379,20 @@ class UNet2DConditionModel(nn.Module):
             if isinstance(m, Attention):
                 m.fused_projections = enabled
 
-    def set_norms_in_weight_dtype(self, enabled: bool = True) -> None:
+    def set_norms_in_weight_dtype(self, enabled: bool = True, nhwc: bool = False) -> None:
         """Run GroupNorm/LayerNorm in the weights' dtype (fp16/bf16) even under autocast, which would
         otherwise upcast each norm's input and output to fp32: the kernels still accumulate in fp32, the
-        output is rounded to half precision one op earlier. Saves two fp32 round trips per norm."""
+        output is rounded to half precision one op earlier. Saves two fp32 round trips per norm.
+        nhwc: GroupNorms of channels_last CUDA inputs run models/nhwc_group_norm.py's kernels instead of
+        torch's, which copy to NCHW and back."""
         for m in self.modules():
             if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
                 if enabled:
                     m.forward = _norm_in_weight_dtype.__get__(m)
+                    m.nhwc = nhwc and isinstance(m, nn.GroupNorm)
                 else:
                     m.__dict__.pop("forward", None)
+                    m.__dict__.pop("nhwc", None)
 
     def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
                                    context_fn=None) -> None:

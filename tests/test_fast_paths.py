@@ -395,6 +395,36 @@ def test_half_norms_on_cuda_differ_only_by_rounding(tiny_diffusers_folder):
     assert 0 < err < 5e-3, err
 
 
+@cuda
+def test_nhwc_norms_on_cuda_match_half_norms(tiny_diffusers_folder, monkeypatch):
+    """GroupNorm in the NHWC Triton kernels (train.nhwc_norms) against torch's half norms on a channels_last
+    fp16 UNet: output and input gradient within half-precision rounding, and the kernels did run."""
+    pytest.importorskip("triton")
+    from models import nhwc_group_norm as ng
+    from models.load import load_model
+    calls = {"n": 0}
+    orig = ng.group_norm_nhwc
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+    monkeypatch.setattr(ng, "group_norm_nhwc", counted)
+    sd = load_model(tiny_diffusers_folder, dtype="fp16", device="cuda")
+    unet = sd.unet.to(memory_format=torch.channels_last).requires_grad_(False)
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([10, 700], device="cuda"), torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
+    outs = []
+    for nhwc in (False, True):
+        unet.set_norms_in_weight_dtype(True, nhwc=nhwc)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = unet(xi, t, ctx).float()
+        outs.append((y, torch.autograd.grad(y.square().sum(), xi)[0].float()))
+    assert calls["n"] == sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    for a, b in zip(*outs):
+        assert (b - a).norm() / a.norm() < 5e-3
+
+
 def test_fused_projections_give_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
     """One matmul for q/k/v (k/v on the text) with the LoRA branches added after: the UNet output, with LoRA
     dropout drawing the same masks in training mode, and a short run equal the unfused ones."""

@@ -103,7 +103,7 @@ class Trainer:
         if tc.get("fused_projections"):
             self.sd.unet.set_fused_projections(True)
         if on("half_norms") and base_dtype != torch.float32:
-            self.sd.unet.set_norms_in_weight_dtype(True)
+            self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and bool(tc.get("nhwc_norms")))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
         if tc.get("compile"):  # in place: module names (and LoRA file keys) stay as they are

@@ -37,6 +37,7 @@ MODES = {  # name -> train.* overrides
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
     "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
+    "default_nhwc": ["train.nhwc_norms=true"],  # plus GroupNorm in NHWC Triton kernels (models/nhwc_group_norm.py)
 }
 
 
