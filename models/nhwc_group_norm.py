@@ -6,9 +6,9 @@ in the batch-8 bf16 step (experiments/bench/RESULTS.md, "Where batch 8's time go
 
     y = (x - mean_bg) * rstd_bg * weight_c + bias_c      (Wu & He 2018, arXiv:1803.08494, eq. 1-2)
 
-Statistics per (sample b, group g) over H*W*C/G values in fp32, merged chunk by chunk with Chan et al.'s
-parallel variance formula (1979) so one pass suffices. The backward for x (weight and bias frozen, as
-in LoRA training):
+Statistics per (sample b, group g) over H*W*C/G values in fp32, in two passes (the mean, then the
+squared deviations from it: no cancellation), accumulated in block-shaped registers and reduced once.
+The backward for x (weight and bias frozen, as in LoRA training):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight,  means over the (b, g) group
 
@@ -38,31 +38,28 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, eps,
+    def _stats_kernel(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, inv_n, eps,
                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)                      # one (b, g) per program
         b, g = pid // G, pid % G
         c = tl.arange(0, BLOCK_C)
         cmask = c < CG
         base = x_ptr + b * HW * C + g * CG
-        mean = 0.0
-        m2 = 0.0
-        count = 0.0
+        acc = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)   # block-shaped accumulators, reduced after the loop
+        for start in range(0, HW, BLOCK_HW):
+            r = start + tl.arange(0, BLOCK_HW)
+            mask = (r[:, None] < HW) & cmask[None, :]
+            acc += tl.load(base + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=None) * inv_n
+        acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)  # second pass: sum of squared deviations (stable)
         for start in range(0, HW, BLOCK_HW):
             r = start + tl.arange(0, BLOCK_HW)
             mask = (r[:, None] < HW) & cmask[None, :]
             v = tl.load(base + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            n = tl.sum(mask.to(tl.float32), axis=None)
-            cmean = tl.sum(v, axis=None) / n
-            d = tl.where(mask, v - cmean, 0.0)
-            cm2 = tl.sum(d * d, axis=None)
-            total = count + n                       # Chan et al.: merge (count, mean, m2) with the chunk's
-            delta = cmean - mean
-            mean = mean + delta * n / total
-            m2 = m2 + cm2 + delta * delta * count * n / total
-            count = total
+            d = tl.where(mask, v - mean, 0.0)
+            acc2 += d * d
         tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / count + eps))
+        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(tl.sum(acc2, axis=None) * inv_n + eps))
 
     @triton.jit
     def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G,
@@ -92,8 +89,8 @@ if triton is not None:
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
         base = b * HW * C + g * CG
-        sg = 0.0
-        sgx = 0.0
+        acc_g = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+        acc_gx = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
         for start in range(0, HW, BLOCK_HW):
             r = start + tl.arange(0, BLOCK_HW)
             mask = (r[:, None] < HW) & cmask[None, :]
@@ -101,10 +98,10 @@ if triton is not None:
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
             gr = dy * w[None, :]
-            sg += tl.sum(gr, axis=None)
-            sgx += tl.sum(tl.where(mask, gr * (x - mean) * rstd, 0.0), axis=None)
-        tl.store(sg_ptr + pid, sg)
-        tl.store(sgx_ptr + pid, sgx)
+            acc_g += gr
+            acc_gx += tl.where(mask, gr * (x - mean) * rstd, 0.0)
+        tl.store(sg_ptr + pid, tl.sum(acc_g, axis=None))
+        tl.store(sgx_ptr + pid, tl.sum(acc_gx, axis=None))
 
     @triton.jit
     def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G, inv_n,
@@ -150,7 +147,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         mean = torch.empty(b * groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         k = _blocks(hw, c, cg)
-        _stats_kernel[(b * groups,)](xv, mean, rstd, hw, c, cg, groups, eps,
+        _stats_kernel[(b * groups,)](xv, mean, rstd, hw, c, cg, groups, 1.0 / (hw * cg), eps,
                                      BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _apply_kernel[grid](xv, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups,

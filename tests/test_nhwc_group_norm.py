@@ -61,3 +61,33 @@ def test_nhwc_group_norm_matches_torch_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_nhwc_group_norm_kernels_compile_for_an_h100():
+    """The interpreter does not check what the compiler checks (loop-carried types, layouts): compile the
+    four kernels for sm_90 in bf16, as a GPU run would, with Triton's bundled ptxas (no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from models import nhwc_group_norm as ng
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        pytest.skip("this Triton's ASTSource takes other arguments")
+    p, f, i = "*bf16", "*fp32", "i32"
+    blocks = {"stats": {"BLOCK_HW": 256, "BLOCK_C": 16}, "apply": {"BLOCK_HW": 32, "BLOCK_C": 128}}
+    kernels = [
+        (ng._stats_kernel, dict(x_ptr=p, mean_ptr=f, rstd_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32", eps="fp32"),
+         blocks["stats"]),
+        (ng._apply_kernel, dict(x_ptr=p, y_ptr=p, mean_ptr=f, rstd_ptr=f, w_ptr=p, b_ptr=p, HW=i, C=i, CG=i, G=i),
+         blocks["apply"]),
+        (ng._grad_stats_kernel, dict(x_ptr=p, dy_ptr=p, w_ptr=p, mean_ptr=f, rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i,
+                                     C=i, CG=i, G=i), blocks["stats"]),
+        (ng._grad_x_kernel, dict(x_ptr=p, dy_ptr=p, dx_ptr=p, w_ptr=p, mean_ptr=f, rstd_ptr=f, sg_ptr=f, sgx_ptr=f,
+                                 HW=i, C=i, CG=i, G=i, inv_n="fp32"), blocks["apply"]),
+    ]
+    for fn, sig, const in kernels:
+        sig = {**sig, **{k: "constexpr" for k in const}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"] and compiled.asm.get("cubin"), fn.__name__
