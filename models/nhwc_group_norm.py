@@ -62,20 +62,29 @@ if triton is not None:
         tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(tl.sum(acc2, axis=None) * inv_n + eps))
 
     @triton.jit
-    def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G,
-                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (BLOCK_HW, BLOCK_C) tile of sample b: xhat = (x - mean) * rstd in fp32, with the
+        tile's offsets, mask, channels, their group indices and rstd (the elementwise kernels' common part)."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (r[:, None] < HW) & (c[None, :] < C)
+        cm = c < C
+        mask = (r[:, None] < HW) & cm[None, :]
         off = b * HW * C + r[:, None] * C + c[None, :]
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         grp = b * G + c // CG
-        mean = tl.load(mean_ptr + grp, mask=c < C, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=c < C, other=0.0)
-        w = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        y = (x - mean[None, :]) * (rstd * w)[None, :] + bias[None, :]
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        return (x - mean[None, :]) * rstd[None, :], off, mask, c, cm, grp, rstd
+
+    @triton.jit
+    def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G,
+                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
+                                                             BLOCK_HW, BLOCK_C)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        y = xhat * w[None, :] + bias[None, :]
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -106,21 +115,12 @@ if triton is not None:
     @triton.jit
     def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G, inv_n,
                        BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        b = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (r[:, None] < HW) & (c[None, :] < C)
-        off = b * HW * C + r[:, None] * C + c[None, :]
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
+                                                             BLOCK_HW, BLOCK_C)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        cm = c < C
-        grp = b * G + c // CG
-        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
         mg = tl.load(sg_ptr + grp, mask=cm, other=0.0) * inv_n          # mean of g over the group
         mgx = tl.load(sgx_ptr + grp, mask=cm, other=0.0) * inv_n        # mean of g * xhat
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (dy * w[None, :] - mg[None, :] - xhat * mgx[None, :])
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

@@ -65,7 +65,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     fn = get_sampler(sampler)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
-    device, dtype = sd.unet.conv_in.weight.device, sd.unet.dtype
+    device = sd.unet.conv_in.weight.device
     unet = graphed_unet(sd.unet) if cuda_graph and device.type == "cuda" else sd.unet
     # with a graph, all of the call runs on the graph's stream: one cuBLAS workspace, as eager sampling keeps
     with on_stream(unet.stream if isinstance(unet, GraphedUNet) else None):

@@ -63,19 +63,18 @@ def table(results: list[dict], peak: float) -> str:
                         f"{r['error'][-80:]} |")
             continue
         t = r.get("s_per_step", r.get("s_per_image"))
-        note = ""
+        notes = []
         f = flops.get(r["config"])
         if f and "s_per_step" in r:  # both implementations compute the same model FLOPs; ours counted them
-            f = flops[r["config"]]
-            note = f"{f / 1e9:.1f} GFLOP/step, {f / r['s_per_step'] / 1e12:.3g} TFLOP/s"
-            if peak:
-                note += f" = {100 * f / r['s_per_step'] / 1e12 / peak:.0f}% of bf16 matmul"
+            notes.append(f"{f / 1e9:.1f} GFLOP/step, {f / r['s_per_step'] / 1e12:.3g} TFLOP/s"
+                         + (f" = {100 * f / r['s_per_step'] / 1e12 / peak:.0f}% of bf16 matmul" if peak else ""))
         mem = (f"{r['peak_alloc_gib']:.2f} / {r.get('peak_reserved_gib', float('nan')):.2f}" if "peak_alloc_gib" in r
                else f"{r.get('peak_rss_gib', float('nan')):.2f}")
         if "steady_alloc_gib" in r:
-            note += f"; after warm-up {r['steady_alloc_gib']:.2f} GiB"
+            notes.append(f"after warm-up {r['steady_alloc_gib']:.2f} GiB")
         if r.get("graph_failed"):
-            note += " graph failed: " + r["graph_failed"][:60]
+            notes.append("graph failed: " + r["graph_failed"][:60])
+        note = "; ".join(notes)
         rows.append(f"| {r['config']} | {r['part']} | {r['impl']} | {r['mode']} | {t:.4f} | "
                     f"{r.get('images_per_s', 1 / t):.1f} | {mem} | {note} |")
     return "\n".join(rows) + (f"\n\nbf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s\n" if peak else "\n")
