@@ -10,6 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sdpa_backend
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """F.silu(norm(x)), in one kernel where the UNet's norms run NHWC (models/unet.set_norms_in_weight_dtype)."""
+    return norm(x, silu=True) if norm.__dict__.get("nhwc") else F.silu(norm(x))
+
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-Conv twice, with an optional timestep embedding added in between.
@@ -32,10 +39,10 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))                      # (B, Cout, H, W)
+        h = self.conv1(norm_silu(self.norm1, x))                   # (B, Cout, H, W)
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb (B, T) -> (B, Cout, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
         if self.output_scale_factor != 1.0:
@@ -65,12 +72,10 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.bfloat16:  # nearest upsampling in bf16 is unsupported on some torch builds
-            x = x.float()
+        # nearest copies values, so bf16 needs no fp32 round trip (torch >= 2.1 has the bf16 kernels)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
             F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x.to(dtype))
+        return self.conv(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -88,5 +93,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q = q.view(b, n, heads, d).transpose(1, 2)                    # (B, h, N, d)
     k = k.view(b, k.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
-    out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, N, d)
+    with sdpa_backend.choose(q, k):                               # models/sdpa_backend.py: which kernel
+        out = F.scaled_dot_product_attention(q, k, v)             # (B, h, N, d)
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)     # (B, N, h*d)

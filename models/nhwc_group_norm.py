@@ -12,6 +12,10 @@ The backward for x (weight and bias frozen, as in LoRA training):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight,  means over the (b, g) group
 
+`silu=True` returns silu(y) = y * sigmoid(y) (Elfwing et al. 2018, eq. 3) from the same kernel, as the
+resnets' GroupNorm -> SiLU needs: one pass instead of two, and only x is kept for the backward, which
+recomputes y and applies silu'(y) = s * (1 + y * (1 - s)), s = sigmoid(y), to the incoming gradient.
+
 Used only for CUDA, channels_last inputs, frozen affine parameters and `set_norms_in_weight_dtype`'s
 half norms (models/unet.py); everything else takes torch's GroupNorm. Tested against F.group_norm with
 Triton's interpreter on the CPU (tests/test_nhwc_group_norm.py).
@@ -78,18 +82,28 @@ if triton is not None:
         return (x - mean[None, :]) * rstd[None, :], off, mask, c, cm, grp, rstd
 
     @triton.jit
+    def _silu_grad(dy, xhat, w, bias_ptr, c, cm):
+        """dy (the gradient of silu(y)) times silu'(y), y = xhat * w + bias recomputed."""
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        y = xhat * w[None, :] + bias[None, :]
+        s = tl.sigmoid(y)
+        return dy * s * (1.0 + y * (1.0 - s))
+
+    @triton.jit
     def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G,
-                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                      SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
                                                              BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
         y = xhat * w[None, :] + bias[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_stats_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
-                           BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _grad_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
+                           SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         b, g = pid // G, pid % G
         c = tl.arange(0, BLOCK_C)
@@ -104,23 +118,27 @@ if triton is not None:
             r = start + tl.arange(0, BLOCK_HW)
             mask = (r[:, None] < HW) & cmask[None, :]
             off = base + r[:, None] * C + c[None, :]
-            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
             dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                dy = _silu_grad(dy, xhat, w, b_ptr + g * CG, c, cmask)
             gr = dy * w[None, :]
             acc_g += gr
-            acc_gx += tl.where(mask, gr * (x - mean) * rstd, 0.0)
+            acc_gx += tl.where(mask, gr * xhat, 0.0)
         tl.store(sg_ptr + pid, tl.sum(acc_g, axis=None))
         tl.store(sgx_ptr + pid, tl.sum(acc_gx, axis=None))
 
     @triton.jit
-    def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G, inv_n,
-                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
+                       inv_n, SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
                                                              BLOCK_HW, BLOCK_C)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         mg = tl.load(sg_ptr + grp, mask=cm, other=0.0) * inv_n          # mean of g over the group
         mgx = tl.load(sgx_ptr + grp, mask=cm, other=0.0) * inv_n        # mean of g * xhat
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        if SILU:
+            dy = _silu_grad(dy, xhat, w, b_ptr, c, cm)
         dx = rstd[None, :] * (dy * w[None, :] - mg[None, :] - xhat * mgx[None, :])
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -139,7 +157,7 @@ def _blocks(hw: int, c: int, cg: int) -> dict:
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps):
+    def forward(ctx, x, groups, weight, bias, eps, silu):
         b, c, h, w = x.shape
         hw, cg = h * w, c // groups
         xv = _nhwc(x)                                                   # (B, HW, C) view
@@ -150,15 +168,15 @@ class _GroupNormNHWC(torch.autograd.Function):
         _stats_kernel[(b * groups,)](xv, mean, rstd, hw, c, cg, groups, 1.0 / (hw * cg), eps,
                                      BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
-        _apply_kernel[grid](xv, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups,
+        _apply_kernel[grid](xv, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.groups
         hw, cg = h * w, c // groups
@@ -166,13 +184,13 @@ class _GroupNormNHWC(torch.autograd.Function):
         xv, dyv = _nhwc(x), _nhwc(dy)
         sg, sgx = torch.empty_like(mean), torch.empty_like(mean)
         k = _blocks(hw, c, cg)
-        _grad_stats_kernel[(b * groups,)](xv, dyv, weight, mean, rstd, sg, sgx, hw, c, cg, groups,
-                                          BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
+        _grad_stats_kernel[(b * groups,)](xv, dyv, weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
+                                          SILU=ctx.silu, BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
-        _grad_x_kernel[grid](xv, dyv, _nhwc(dx), weight, mean, rstd, sg, sgx, hw, c, cg, groups, 1.0 / (hw * cg),
-                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
-        return dx, None, None, None, None
+        _grad_x_kernel[grid](xv, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
+                             1.0 / (hw * cg), SILU=ctx.silu, BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
+        return dx, None, None, None, None, None
 
 
 def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
@@ -184,8 +202,9 @@ def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> torch.Tensor:
-    """F.group_norm(x, groups, weight, bias, eps) for a channels_last x; the output is channels_last."""
+                    eps: float, silu: bool = False) -> torch.Tensor:
+    """F.group_norm(x, groups, weight, bias, eps) for a channels_last x (then F.silu where `silu`); the
+    output is channels_last."""
     if x.shape[1] % groups:
         raise ValueError(f"GroupNorm: {x.shape[1]} channels do not split into {groups} groups")
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)

@@ -179,8 +179,14 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
+    fused = False  # set_fused_geglu: the gate in one Triton kernel each way (models/fused_geglu.py)
+
     def forward(self, x):
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        p = self.proj(x)                                           # (B, N, 2 * inner)
+        if self.fused:
+            from models.fused_geglu import geglu  # Triton: imported only where asked for
+            return geglu(p)
+        hidden, gate = p.chunk(2, dim=-1)
         return hidden * F.gelu(gate)
 
 
@@ -240,20 +246,30 @@ class Transformer2DModel(nn.Module):
             x = block(x, context)
         if self.linear_proj:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)              # (B, C, H, W), NHWC in memory
+        x = x.contiguous(memory_format=_layout(residual))           # a copy only for an NCHW UNet
         if not self.linear_proj:
             x = self.proj_out(x)
         return x + residual
 
 
-def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last (and not also NCHW-contiguous) 4-D tensor, else NCHW."""
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """The norm in its weights' dtype; `silu` (GroupNorms with `nhwc` only, see blocks.norm_silu) returns
+    silu(norm(x))."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(self.weight.dtype)
         if self.__dict__.get("nhwc"):
             from models import nhwc_group_norm  # Triton: imported only where asked for
-            if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm
-                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
-        return type(self).forward(self, x)
+            if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
+                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu)
+        y = type(self).forward(self, x)
+        return F.silu(y) if silu else y
 
 
 class _Block(nn.Module):
@@ -378,6 +394,13 @@ class UNet2DConditionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.fused_projections = enabled
+
+    def set_fused_geglu(self, enabled: bool = True) -> None:
+        """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of
+        gelu, product and concatenation over strided halves."""
+        for m in self.modules():
+            if isinstance(m, GEGLU):
+                m.fused = enabled
 
     def set_norms_in_weight_dtype(self, enabled: bool = True, nhwc: bool = False) -> None:
         """Run GroupNorm/LayerNorm in the weights' dtype (fp16/bf16) even under autocast, which would

@@ -11,6 +11,7 @@ A non-finite loss or gradient skips the step (logged); `max_nan_steps` in a row 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import signal
@@ -29,6 +30,7 @@ from data.folder import scan_folder
 from lora import mask_replay
 from lora.inject import inject_lora, lora_parameters, set_enabled
 from lora.io import save_lora
+from models import sdpa_backend
 from models.load import load_model, pick_device
 from models.schedule import NoiseSchedule, offset_noise
 from models.text import encode_text, tokenize
@@ -102,8 +104,13 @@ class Trainer:
             self.sd.unet.to(memory_format=torch.channels_last)
         if tc.get("fused_projections"):
             self.sd.unet.set_fused_projections(True)
+        # Triton kernels where torch.compile does not fuse on its own
+        triton_ok = not tc.get("compile") and importlib.util.find_spec("triton") is not None
         if on("half_norms") and base_dtype != torch.float32:
-            self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and bool(tc.get("nhwc_norms")))
+            self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and triton_ok and on("nhwc_norms"))
+        if triton_ok and on("fused_geglu"):
+            self.sd.unet.set_fused_geglu(True)
+        sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
         if tc.get("compile"):  # in place: module names (and LoRA file keys) stay as they are

@@ -17,7 +17,9 @@ import torch
 from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak,
                                       split_peak, sync, world)
 
-_OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false"}
+_OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
+        "train.nhwc_norms": "false", "train.fused_geglu": "false"}
+_NO_TRITON = ["train.nhwc_norms=false", "train.fused_geglu=false"]
 
 
 def _mode(**on) -> list[str]:
@@ -26,18 +28,22 @@ def _mode(**on) -> list[str]:
 
 
 MODES = {  # name -> train.* overrides
-    "default": [],  # the config as shipped (on CUDA: graph, channels_last, half norms)
+    "default": [],  # the config as shipped (on CUDA: graph, channels_last, half norms, NHWC norms, fused GEGLU)
     "eager": _mode(),
     "graph": _mode(cuda_graph=1),
     "graph_cl": _mode(cuda_graph=1, channels_last=1),
     "graph_hn": _mode(cuda_graph=1, half_norms=1),
     "graph_cl_hn": _mode(cuda_graph=1, channels_last=1, half_norms=1),
-    "cl_hn": _mode(channels_last=1, half_norms=1),  # the default's kernels, launched eagerly (for the profiler)
+    "cl_hn": _mode(channels_last=1, half_norms=1),  # session 4's default, launched eagerly (for the profiler)
+    "cl_hn_triton": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1),  # the default, eagerly
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
     "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
-    "default_nhwc": ["train.nhwc_norms=true"],  # plus GroupNorm in NHWC Triton kernels (models/nhwc_group_norm.py)
+    "default_no_triton": _NO_TRITON,  # session 4's default: no NHWC GroupNorm, no fused GEGLU
+    "default_no_geglu": ["train.fused_geglu=false"],
+    "default_sdpa": ["train.sdpa_backend=auto"],  # plus models/sdpa_backend.py's table
+    "cl_hn_triton_sdpa": [*_mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1), "train.sdpa_backend=auto"],
 }
 
 

@@ -3,7 +3,7 @@
     python -m experiments.bench.profile CONFIG [MODE] [ROOT]      (MODE: an ours.MODES name; default eager)
 
 Prints the step's wall time, the summed kernel time (busy) and its split into matmul, convolution,
-attention, normalisation, elementwise/copy and optimizer kernels, the 25 costliest kernels, then the
+attention, normalisation, elementwise/copy and optimizer kernels, the 40 costliest kernels, then the
 30 operators (with input shapes) whose own kernels cost most.
 The kernels are the same whether the step is replayed from a CUDA graph or launched eagerly; eager
 shows the names.
@@ -74,7 +74,7 @@ def main():
           f"{sum(count.values()) // steps} kernels/step")
     for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:18s} {us / 1e3:7.2f} ms  {100 * us / busy:5.1f}%")
-    for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+    for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:40]:
         print(f"  {us / 1e3:7.3f} ms  x{count[n] // steps:<4d} {n}")
     print("operators by the kernel time they launch themselves (self), with their input shapes:")
     ops = [o for o in prof.key_averages(group_by_input_shape=True) if o.self_device_time_total > 0]
