@@ -93,6 +93,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q = q.view(b, n, heads, d).transpose(1, 2)                    # (B, h, N, d)
     k = k.view(b, k.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)           # (B, h, M, d)
-    with sdpa_backend.choose(q, k):                               # models/sdpa_backend.py: which kernel
+    with sdpa_backend.choose(q):                                  # models/sdpa_backend.py: which kernel
         out = F.scaled_dot_product_attention(q, k, v)             # (B, h, N, d)
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)     # (B, N, h*d)

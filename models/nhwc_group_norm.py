@@ -6,8 +6,9 @@ in the batch-8 bf16 step (experiments/bench/RESULTS.md, "Where batch 8's time go
 
     y = (x - mean_bg) * rstd_bg * weight_c + bias_c      (Wu & He 2018, arXiv:1803.08494, eq. 1-2)
 
-Statistics per (sample b, group g) over H*W*C/G values in fp32, in two passes (the mean, then the
-squared deviations from it: no cancellation), accumulated in block-shaped registers and reduced once.
+Statistics per (sample b, group g) over H*W*C/G values in fp32: each group is split into tiles (many
+programs, so the reduction fills the GPU), each tile's mean and squared deviations from it are taken in
+two passes over registers (no cancellation), and the tiles are combined exactly (Chan et al. 1979).
 The backward for x (weight and bias frozen, as in LoRA training):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight,  means over the (b, g) group
@@ -42,28 +43,55 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, inv_n, eps,
-                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)                      # one (b, g) per program
-        b, g = pid // G, pid % G
+    def _group_tile(pid_bg, tile, HW, C, CG, G, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Offsets and mask of rows [tile * BLOCK_HW, +BLOCK_HW) of group g of sample b (pid_bg = b * G + g)."""
+        b, g = pid_bg // G, pid_bg % G
         c = tl.arange(0, BLOCK_C)
         cmask = c < CG
-        base = x_ptr + b * HW * C + g * CG
-        acc = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)   # block-shaped accumulators, reduced after the loop
-        for start in range(0, HW, BLOCK_HW):
-            r = start + tl.arange(0, BLOCK_HW)
-            mask = (r[:, None] < HW) & cmask[None, :]
-            acc += tl.load(base + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=None) * inv_n
-        acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)  # second pass: sum of squared deviations (stable)
-        for start in range(0, HW, BLOCK_HW):
-            r = start + tl.arange(0, BLOCK_HW)
-            mask = (r[:, None] < HW) & cmask[None, :]
-            v = tl.load(base + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, v - mean, 0.0)
-            acc2 += d * d
+        r = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        mask = (r[:, None] < HW) & cmask[None, :]
+        return b * HW * C + g * CG + r[:, None] * C + c[None, :], mask, g, c, cmask
+
+    @triton.jit
+    def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, HW, C, CG, G, S,
+                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One tile of one (b, g): its mean and sum of squared deviations from that mean (two passes over
+        registers), to be combined over the group's S tiles by _combine_stats_kernel."""
+        pid, tile = tl.program_id(0), tl.program_id(1)
+        off, mask, g, c, cmask = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * CG
+        mean = tl.sum(x, axis=None) / n
+        d = tl.where(mask, x - mean, 0.0)
+        tl.store(pmean_ptr + pid * S + tile, mean)
+        tl.store(pm2_ptr + pid * S + tile, tl.sum(d * d, axis=None))
+
+    @triton.jit
+    def _combine_stats_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, HW, CG, S, eps,
+                              BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Chan, Golub & LeVeque 1979 (pairwise update, eq. 2.1 generalised to S parts):
+        mean = sum n_s mean_s / n,  M2 = sum (M2_s + n_s (mean_s - mean)^2)."""
+        pid = tl.program_id(0)
+        s = tl.arange(0, BLOCK_S)
+        sm = s < S
+        n_s = (tl.minimum(HW - s * BLOCK_HW, BLOCK_HW) * CG).to(tl.float32)
+        n_s = tl.where(sm, n_s, 0.0)
+        mean_s = tl.load(pmean_ptr + pid * S + s, mask=sm, other=0.0)
+        m2_s = tl.load(pm2_ptr + pid * S + s, mask=sm, other=0.0)
+        n = tl.sum(n_s, axis=0)
+        mean = tl.sum(n_s * mean_s, axis=0) / n
+        dm = mean_s - mean
+        m2 = tl.sum(m2_s + n_s * dm * dm, axis=0)
         tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(tl.sum(acc2, axis=None) * inv_n + eps))
+        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / n + eps))
+
+    @triton.jit
+    def _sum_parts_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr):
+        """out[i] = sum_s part[i, s] (the backward's per-group sums, in a fixed order: deterministic)."""
+        pid = tl.program_id(0)
+        s = tl.arange(0, BLOCK_S)
+        v = tl.load(part_ptr + pid * S + s, mask=s < S, other=0.0)
+        tl.store(out_ptr + pid, tl.sum(v, axis=0))
 
     @triton.jit
     def _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -102,31 +130,21 @@ if triton is not None:
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
+    def _grad_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psg_ptr, psgx_ptr, HW, C, CG, G, S,
                            SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        b, g = pid // G, pid % G
-        c = tl.arange(0, BLOCK_C)
-        cmask = c < CG
+        """One tile of one (b, g): sums of g = dy * w and of g * xhat (summed over tiles by _sum_parts_kernel)."""
+        pid, tile = tl.program_id(0), tl.program_id(1)
+        off, mask, g, c, cmask = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
-        base = b * HW * C + g * CG
-        acc_g = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
-        acc_gx = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            r = start + tl.arange(0, BLOCK_HW)
-            mask = (r[:, None] < HW) & cmask[None, :]
-            off = base + r[:, None] * C + c[None, :]
-            xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                dy = _silu_grad(dy, xhat, w, b_ptr + g * CG, c, cmask)
-            gr = dy * w[None, :]
-            acc_g += gr
-            acc_gx += tl.where(mask, gr * xhat, 0.0)
-        tl.store(sg_ptr + pid, tl.sum(acc_g, axis=None))
-        tl.store(sgx_ptr + pid, tl.sum(acc_gx, axis=None))
+        xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            dy = _silu_grad(dy, xhat, w, b_ptr + g * CG, c, cmask)
+        gr = dy * w[None, :]
+        tl.store(psg_ptr + pid * S + tile, tl.sum(gr, axis=None))
+        tl.store(psgx_ptr + pid * S + tile, tl.sum(tl.where(mask, gr * xhat, 0.0), axis=None))
 
     @triton.jit
     def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
@@ -150,8 +168,13 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(hw: int, c: int, cg: int) -> dict:
+    """Tile sizes: the reductions split each (b, g) into S tiles of about 2,048 values (enough programs to
+    fill the GPU: at 64x64 latents and 10 channels per group, 32 tiles per group); the elementwise kernels
+    take 32 positions x up to 128 channels."""
     block_cg = triton.next_power_of_2(cg)
-    return dict(stats_hw=max(1, min(triton.next_power_of_2(hw), 4096 // block_cg)), block_cg=block_cg,
+    stats_hw = max(1, min(triton.next_power_of_2(hw), 2048 // block_cg))
+    s = triton.cdiv(hw, stats_hw)
+    return dict(stats_hw=stats_hw, block_cg=block_cg, s=s, block_s=triton.next_power_of_2(s),
                 apply_hw=32, apply_c=min(triton.next_power_of_2(c), 128))
 
 
@@ -162,11 +185,14 @@ class _GroupNormNHWC(torch.autograd.Function):
         hw, cg = h * w, c // groups
         xv = _nhwc(x)                                                   # (B, HW, C) view
         y = torch.empty_like(x)                                         # channels_last, like x
-        mean = torch.empty(b * groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
         k = _blocks(hw, c, cg)
-        _stats_kernel[(b * groups,)](xv, mean, rstd, hw, c, cg, groups, 1.0 / (hw * cg), eps,
-                                     BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
+        parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)  # per-tile mean, M2
+        stats = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
+        mean, rstd = stats[0], stats[1]
+        _stats_kernel[(b * groups, k["s"])](xv, parts[0], parts[1], hw, c, cg, groups, k["s"],
+                                            BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
+        _combine_stats_kernel[(b * groups,)](parts[0], parts[1], mean, rstd, hw, cg, k["s"], eps,
+                                             BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"])
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _apply_kernel[grid](xv, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
@@ -182,10 +208,14 @@ class _GroupNormNHWC(torch.autograd.Function):
         hw, cg = h * w, c // groups
         dy = dy.contiguous(memory_format=torch.channels_last)
         xv, dyv = _nhwc(x), _nhwc(dy)
-        sg, sgx = torch.empty_like(mean), torch.empty_like(mean)
         k = _blocks(hw, c, cg)
-        _grad_stats_kernel[(b * groups,)](xv, dyv, weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
-                                          SILU=ctx.silu, BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
+        parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)
+        sums = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
+        sg, sgx = sums[0], sums[1]
+        _grad_stats_kernel[(b * groups, k["s"])](xv, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c, cg,
+                                                 groups, k["s"], SILU=ctx.silu, BLOCK_HW=k["stats_hw"],
+                                                 BLOCK_C=k["block_cg"])
+        _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"])
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _grad_x_kernel[grid](xv, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,

@@ -11,8 +11,10 @@ import torch, torch.nn.functional as F
 from models import nhwc_group_norm as ng
 assert ng.INTERPRET
 torch.manual_seed(0)
-# odd sizes: channels per group 2, 5, 3 (masked to powers of two), H*W not a multiple of the blocks
-for (b, c, h, w, g) in [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32)]:
+# odd sizes: channels per group 2, 5, 3 (masked to powers of two), H*W not a multiple of the blocks; the
+# last splits each group's statistics into 3 tiles (128, 128, 44 positions), combined afterwards
+assert ng._blocks(300, 64, 16)["s"] == 3
+for (b, c, h, w, g) in [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32), (2, 64, 15, 20, 4)]:
     for silu in (False, True):
         x = (torch.randn(b, c, h, w) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
         wt, bs = torch.randn(c), torch.randn(c)
@@ -65,13 +67,16 @@ def test_nhwc_group_norm_matches_torch_under_the_interpreter():
 def test_nhwc_group_norm_kernels_compile_for_an_h100(silu):
     from models import nhwc_group_norm as ng
     p, f, i = "*bf16", "*fp32", "i32"
-    stats, apply = {"BLOCK_HW": 256, "BLOCK_C": 16}, {"BLOCK_HW": 32, "BLOCK_C": 128}
-    compile_for_h100(ng._stats_kernel, dict(x_ptr=p, mean_ptr=f, rstd_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32",
-                                            eps="fp32"), stats)
+    stats, apply = {"BLOCK_HW": 128, "BLOCK_C": 16}, {"BLOCK_HW": 32, "BLOCK_C": 128}
+    compile_for_h100(ng._stats_kernel, dict(x_ptr=p, pmean_ptr=f, pm2_ptr=f, HW=i, C=i, CG=i, G=i, S=i), stats)
+    compile_for_h100(ng._combine_stats_kernel, dict(pmean_ptr=f, pm2_ptr=f, mean_ptr=f, rstd_ptr=f, HW=i, CG=i, S=i,
+                                                    eps="fp32"), {"BLOCK_HW": 128, "BLOCK_S": 32})
+    compile_for_h100(ng._sum_parts_kernel, dict(part_ptr=f, out_ptr=f, S=i), {"BLOCK_S": 32})
     compile_for_h100(ng._apply_kernel, dict(x_ptr=p, y_ptr=p, mean_ptr=f, rstd_ptr=f, w_ptr=p, b_ptr=p, HW=i, C=i,
                                             CG=i, G=i), {"SILU": silu, **apply})
-    compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f, rstd_ptr=f, sg_ptr=f,
-                                                 sgx_ptr=f, HW=i, C=i, CG=i, G=i), {"SILU": silu, **stats})
+    compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f, rstd_ptr=f,
+                                                 psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
+                     {"SILU": silu, **stats})
     compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, dy_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f, rstd_ptr=f,
                                              sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32"),
                      {"SILU": silu, **apply})

@@ -42,8 +42,7 @@ MODES = {  # name -> train.* overrides
     "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
     "default_no_triton": _NO_TRITON,  # session 4's default: no NHWC GroupNorm, no fused GEGLU
     "default_no_geglu": ["train.fused_geglu=false"],
-    "default_sdpa": ["train.sdpa_backend=auto"],  # plus models/sdpa_backend.py's table
-    "cl_hn_triton_sdpa": [*_mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1), "train.sdpa_backend=auto"],
+    "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
 }
 
 
