@@ -68,6 +68,25 @@ def test_channels_last_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, 
     assert l1[0] != l1[-1]  # it trained
 
 
+def test_channels_last_stays_channels_last_through_the_unets_blocks():
+    """No layout flips inside a channels_last UNet (each costs a copy there and back on the GPU): the spatial
+    transformer and the bf16 nearest upsampling return NHWC tensors, with the NCHW path's values."""
+    from models.blocks import Upsample2D
+    from models.unet import Transformer2DModel
+    torch.manual_seed(0)
+    t2d = Transformer2DModel(64, heads=2, layers=1, context_dim=32, groups=8, linear_proj=False, upcast=False,
+                             dropout=0.0).eval()
+    x, ctx = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 32)
+    y = t2d(x.to(memory_format=torch.channels_last), ctx)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.allclose(y, t2d(x, ctx), atol=1e-5) and t2d(x, ctx).is_contiguous()
+    up = Upsample2D(8).bfloat16()
+    xb = torch.randn(1, 8, 4, 4).bfloat16().to(memory_format=torch.channels_last)
+    yb = up(xb)
+    assert yb.dtype == torch.bfloat16 and yb.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(yb, up.conv(torch.nn.functional.interpolate(xb.float(), scale_factor=2.0).bfloat16()))
+
+
 def test_compiled_unet_gives_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
     # LoRA dropout off: compiled code draws its dropout masks from its own random stream.
     _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a", "lora.dropout=0")
