@@ -11,6 +11,7 @@ manifest.json. Every setting is checked, and every file found, before the model 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def load_init_image(path: str, width: int, height: int) -> torch.Tensor:
     return to_tensor(img)[None]                                       # (1, 3, H, W) in [-1, 1]
 
 
+def triton_kernels_wanted(switch, device: torch.device, dtype: torch.dtype) -> bool:
+    """auto: on CUDA with half-precision weights and Triton installed (measured in experiments/bench)."""
+    if switch == "auto":
+        return device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("triton") is not None
+    return bool(switch)
+
+
 def run(cfg: DictConfig) -> list[dict]:
     prompts = check_settings(cfg)
     out_dir = Path(cfg.out_dir)
@@ -85,6 +93,8 @@ def run(cfg: DictConfig) -> list[dict]:
                            multiplier=float(lora.get("weight", 1.0)))
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
+    if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
+        sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
     init = load_init_image(to_absolute_path(cfg.init_image), cfg.width, cfg.height) if cfg.init_image else None
     mhash = model_hash(model_path)
     sampler_name = A1111_SAMPLER_NAMES[cfg.sampler] + (" Karras" if cfg.sampler_options.get("karras") else "")

@@ -395,6 +395,14 @@ class UNet2DConditionModel(nn.Module):
             if isinstance(m, Attention):
                 m.fused_projections = enabled
 
+    def set_triton_kernels(self, enabled: bool = True) -> None:
+        """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm
+        (+SiLU) in the NHWC Triton kernels and the fused GEGLU, as the training step uses them. Off: NCHW
+        and torch's kernels."""
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
+        self.set_fused_geglu(enabled)
+
     def set_fused_geglu(self, enabled: bool = True) -> None:
         """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of
         gelu, product and concatenation over strided halves."""

@@ -105,7 +105,8 @@ def count_flops(tr) -> float:
 
 
 def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) -> dict:
-    """50 DDIM steps with CFG (a negative prompt), a r32 LoRA applied (not merged), VAE decode: s/image."""
+    """50 DDIM steps with CFG (a negative prompt), a r32 LoRA applied (not merged), VAE decode: s/image.
+    mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager."""
     from experiments.bench.world import CAPTIONS
     from lora.inject import inject_lora
     from models.load import as_dtype, load_model
@@ -115,13 +116,15 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     c = CONFIGS["report"]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
+    if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
+        sd.unet.set_triton_kernels(True)
     reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
     size = w["resolution"]
 
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
-                        cuda_graph=mode == "graph")
+                        cuda_graph=mode.startswith("graph"))
     peaks = []
     median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
     return {"impl": "ours", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
