@@ -29,6 +29,15 @@ for (b, c, h, w, g) in [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32), 
         assert err[0] < 1e-5 and err[1] < 1e-5, (b, c, silu, err)
         assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
+# trainable affine parameters: torch's kernel while gradients are recorded, these kernels under no_grad (sampling)
+gn = torch.nn.GroupNorm(8, 16)
+xc = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
+assert not ng.usable(gn, xc)
+with torch.no_grad():
+    assert ng.usable(gn, xc)
+gn.requires_grad_(False)
+assert ng.usable(gn, xc) and not ng.usable(gn, xc.contiguous())
+
 # the UNet's GroupNorms go through the kernels with nhwc=True (the resnets' with SiLU fused), same numbers
 import sys
 sys.path.insert(0, "tests")
