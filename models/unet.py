@@ -174,12 +174,11 @@ class Attention(nn.Module):
 
 class GEGLU(nn.Module):
     """Shazeer 2020, "GLU variants improve transformer", eq. 6."""
+    fused = False  # set_fused_geglu: the gate in one Triton kernel each way (models/fused_geglu.py)
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
-
-    fused = False  # set_fused_geglu: the gate in one Triton kernel each way (models/fused_geglu.py)
 
     def forward(self, x):
         p = self.proj(x)                                           # (B, N, 2 * inner)

@@ -104,7 +104,7 @@ class Trainer:
             self.sd.unet.to(memory_format=torch.channels_last)
         if tc.get("fused_projections"):
             self.sd.unet.set_fused_projections(True)
-        # Triton kernels where torch.compile does not fuse on its own
+        # our Triton kernels, unless torch.compile does its own fusion
         triton_ok = not tc.get("compile") and importlib.util.find_spec("triton") is not None
         if on("half_norms") and base_dtype != torch.float32:
             self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and triton_ok and on("nhwc_norms"))
