@@ -11,7 +11,6 @@ manifest.json. Every setting is checked, and every file found, before the model 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from data.images import load_rgb, resize_crop, to_tensor
 from experiments.images import a1111_parameters, make_grid, save_png, to_pil
 from lora.io import load_lora
 from models.checkpoint import file_sha256, model_hash
+from models import nhwc_group_norm
 from models.load import as_dtype, load_model, pick_device, resolve
 from models.pipeline import generate
 from models.samplers import SAMPLERS
@@ -72,7 +72,7 @@ def load_init_image(path: str, width: int, height: int) -> torch.Tensor:
 def triton_kernels_wanted(switch, device: torch.device, dtype: torch.dtype) -> bool:
     """auto: on CUDA with half-precision weights and Triton installed (measured in experiments/bench)."""
     if switch == "auto":
-        return device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("triton") is not None
+        return device.type == "cuda" and dtype != torch.float32 and nhwc_group_norm.available()
     return bool(switch)
 
 

@@ -11,7 +11,6 @@ A non-finite loss or gradient skips the step (logged); `max_nan_steps` in a row 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import signal
@@ -104,11 +103,12 @@ class Trainer:
             self.sd.unet.to(memory_format=torch.channels_last)
         if tc.get("fused_projections"):
             self.sd.unet.set_fused_projections(True)
-        # our Triton kernels, unless torch.compile does its own fusion
-        triton_ok = not tc.get("compile") and importlib.util.find_spec("triton") is not None
+        # our Triton kernels (each falls back to torch's where Triton or CUDA is missing), unless torch.compile
+        # does its own fusion
+        ours = not tc.get("compile")
         if on("half_norms") and base_dtype != torch.float32:
-            self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and triton_ok and on("nhwc_norms"))
-        if triton_ok and on("fused_geglu"):
+            self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and ours and on("nhwc_norms"))
+        if ours and on("fused_geglu"):
             self.sd.unet.set_fused_geglu(True)
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:

@@ -19,7 +19,6 @@ from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, pea
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
         "train.nhwc_norms": "false", "train.fused_geglu": "false"}
-_NO_TRITON = ["train.nhwc_norms=false", "train.fused_geglu=false"]
 
 
 def _mode(**on) -> list[str]:
@@ -40,7 +39,7 @@ MODES = {  # name -> train.* overrides
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
     "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
-    "default_no_triton": _NO_TRITON,  # session 4's default: no NHWC GroupNorm, no fused GEGLU
+    "default_no_triton": ["train.nhwc_norms=false", "train.fused_geglu=false"],  # session 4's default: no NHWC GroupNorm, no fused GEGLU
     "default_no_geglu": ["train.fused_geglu=false"],
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
 }
