@@ -58,6 +58,7 @@ class LoRAAdapter(nn.Module):
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.multiplier = 1.0
         self.enabled = True
+        self.cast_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # lora/half_weights.py sets it
         self.reset_parameters(init)
 
     @property
@@ -82,19 +83,33 @@ class LoRAAdapter(nn.Module):
             delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
         return delta * (self.scale * self.multiplier)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) as the forward uses them: the parameters, or their once-per-step casts (half_weights)."""
+        return self.cast_weights or (self.down.weight, self.up.weight)
+
+    def _down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.down, nn.Linear):
+            return F.linear(x, w)
+        d = self.down
+        return F.conv2d(x, w, None, d.stride, d.padding, d.dilation)
+
+    def _up(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, w) if isinstance(self.up, nn.Linear) else F.conv2d(h, w)
+
     def scaled_down(self, x: torch.Tensor) -> torch.Tensor:
         """scale * multiplier * down(dropout(x)), rank dropout applied: (..., r) or (B, r, H', W').
         The scale multiplies this rank-sized tensor, not the layer-sized output (same product, r/out of the
         elementwise work)."""
+        w_down = self.weights()[0]
         if not _autocast_on(x.device.type):  # under autocast the matmul picks its dtype itself
-            x = x.to(self.down.weight.dtype)
+            x = x.to(w_down.dtype)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if self.training and p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask
             keep = mask_replay.mask(self, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
             x = x * keep * (1.0 / (1.0 - p))                            # nn.Dropout's scaling
         else:
             x = self.dropout(x)
-        h = self.down(x)                                                # (..., r) or (B, r, H', W')
+        h = self._down(x, w_down)                                       # (..., r) or (B, r, H', W')
         scale = self.scale * self.multiplier
         if self.training and self.rank_dropout > 0:  # kohya's rank dropout: drop rank channels per sample
             b, r = h.shape[0], self.rank
@@ -105,7 +120,7 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This adapter's contribution, scale * multiplier * up(down(dropout(x)))."""
-        return self.up(self.scaled_down(x))
+        return self._up(self.scaled_down(x), self.weights()[1])
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + forward(x). Where the up projection is a plain matrix product over y's channels (Linear; a
@@ -113,7 +128,7 @@ class LoRAAdapter(nn.Module):
         its epilogue: no layer-sized elementwise add forward, none backward (the gradient to y passes
         through). Elsewhere (dtypes that differ outside autocast, NCHW convs) the plain sum."""
         h = self.scaled_down(x)
-        w = self.up.weight                                              # (out, r) or (out, r, 1, 1)
+        w = self.weights()[1]                                           # (out, r) or (out, r, 1, 1)
         dev = y.device.type
         if (_autocast_on(dev) and y.dtype == torch.get_autocast_dtype(dev)) or h.dtype == y.dtype == w.dtype:
             if isinstance(self.up, nn.Linear):
@@ -125,7 +140,7 @@ class LoRAAdapter(nn.Module):
                 out = torch.addmm(y.permute(0, 2, 3, 1).reshape(-1, c), h.permute(0, 2, 3, 1).reshape(-1, self.rank),
                                   w[:, :, 0, 0].t())
                 return out.view(b, hh, ww, c).permute(0, 3, 1, 2).to(y.dtype)
-        return y + self.up(h).to(y.dtype)
+        return y + self._up(h, w).to(y.dtype)
 
 
 class LoRALayer(nn.Module):

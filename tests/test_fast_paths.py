@@ -564,3 +564,28 @@ def test_fused_projections_give_the_same_numbers(tiny_diffusers_folder, tiny_dat
     _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a")
     _, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.fused_projections=true")
     assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-4)
+
+
+@pytest.mark.parametrize("extra", [
+    ("lora=attention_proj_conv", "lora.dropout=0.1", "train.grad_accum=2"),
+    ("+lora.text_encoder={targets: text, rank: 2, alpha: 2, lr: 1e-4}", "train.cache_text=false"),
+])
+def test_lora_weights_cast_once_per_step_give_autocasts_numbers(tiny_diffusers_folder, tiny_data, tmp_path, extra):
+    """bf16 autocast casts each LoRA weight where it is used; lora/half_weights.py casts them all at once and
+    accumulates the gradients with multi-tensor ops: the same roundings, so the same bits (CPU autocast)."""
+    import lora.half_weights as hw
+    calls = []
+    real = hw._CastAll.forward
+    hw_forward = staticmethod(lambda ctx, dtype, *p: (calls.append(len(p)), real(ctx, dtype, *p))[1])
+    _, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a", "train.precision=bf16", *extra,
+                        "train.cast_lora_once=false")
+    try:
+        hw._CastAll.forward = hw_forward
+        tr, l2, p2 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "b", "train.precision=bf16", *extra,
+                             "train.cast_lora_once=true")
+    finally:
+        hw._CastAll.forward = staticmethod(real)
+    assert calls and calls[0] == len(tr.params) and tr.half_lora[1] == torch.bfloat16
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert l1[0] != l1[-1]
+    assert all(a.cast_weights is None for a in tr.half_lora[0])   # nothing cast outlives the step

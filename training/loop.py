@@ -27,7 +27,8 @@ from data.cache import LatentCache, TextCache, attach_latent_cache
 from data.dataset import ImageCaptionDataset, collate
 from data.folder import scan_folder
 from lora import mask_replay
-from lora.inject import inject_lora, lora_parameters, set_enabled
+from lora.half_weights import half_weights
+from lora.inject import inject_lora, lora_layers, lora_parameters, set_enabled
 from lora.io import save_lora
 from models import sdpa_backend
 from models.load import load_model, pick_device
@@ -129,6 +130,12 @@ class Trainer:
             groups.append({"params": list(lora_parameters(self.sd.text_encoder)),
                            "lr": L.text_encoder.get("lr") or cfg.optim.lr})
         self.params = [p for g in groups for p in g["params"]]
+        # LoRA weights cast to the autocast dtype once per micro-batch (lora/half_weights.py), not per use
+        self.half_lora = None
+        if on("cast_lora_once") and base_dtype != torch.float32:
+            trained = [self.sd.unet] + ([self.sd.text_encoder] if self.train_te else [])
+            self.half_lora = ([a for m in trained for _, layer in lora_layers(m) for a in layer.lora.values()],
+                              base_dtype)
         self.base_lrs = [g["lr"] for g in groups]
         self.graph_mode = cuda and self._graph_wanted()
         if tc.grad_checkpointing:
@@ -365,9 +372,10 @@ class Trainer:
         losses = []
         for i in range(accum):
             x = {k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(f"{i}.")}
-            loss = self.micro_loss(x)
-            losses.append(loss.detach().float())
-            self.scaler.scale_loss(loss / accum).backward()
+            with half_weights(*self.half_lora) if self.half_lora else contextlib.nullcontext():
+                loss = self.micro_loss(x)
+                losses.append(loss.detach().float())
+                self.scaler.scale_loss(loss / accum).backward()
         loss = torch.stack(losses).mean()
         self.scaler.unscale_grads(grads)
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"), foreach=True)

@@ -18,7 +18,7 @@ from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, pea
                                       split_peak, sync, world)
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
-        "train.nhwc_norms": "false", "train.fused_geglu": "false"}
+        "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -41,6 +41,7 @@ MODES = {  # name -> train.* overrides
     "default_compile": ["train.compile=true"],  # the shipped config plus torch.compile
     "default_no_triton": ["train.nhwc_norms=false", "train.fused_geglu=false"],  # session 4's default: no NHWC GroupNorm, no fused GEGLU
     "default_no_geglu": ["train.fused_geglu=false"],
+    "default_no_cast": ["train.cast_lora_once=false"],  # autocast casts each LoRA weight where it is used
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
 }
 
