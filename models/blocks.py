@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import sdpa_backend
+from models import bias_folding, sdpa_backend
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -39,12 +39,33 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm2.__dict__.get("nhwc"):
+            return self._forward_biases_folded(x, temb)
         h = self.conv1(norm_silu(self.norm1, x))                   # (B, Cout, H, W)
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb (B, T) -> (B, Cout, 1, 1)
         h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+    def _forward_biases_folded(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        """forward() where the norms run NHWC (models/bias_folding.py): conv1's bias and the timestep
+        embedding enter norm2 as its shift; conv2's bias goes into the shortcut's bias or the residual sum."""
+        h = bias_folding.conv_without_bias(self.conv1, norm_silu(self.norm1, x))    # (B, Cout, H, W)
+        shift = bias_folding.bias_of(self.conv1)                                    # (Cout,)
+        if self.time_emb_proj is not None:
+            t = self.time_emb_proj(F.silu(temb)).float()                            # (B, Cout)
+            shift = t if shift is None else t + shift.float()
+        h = self.norm2(h, silu=True, shift=shift)
+        h = bias_folding.conv_without_bias(self.conv2, self.dropout(h))
+        b2 = bias_folding.bias_of(self.conv2)
+        if self.conv_shortcut is not None:
+            out = bias_folding.pointwise(self.conv_shortcut, x, extra_bias=b2) + h
+        else:
+            out = bias_folding.add_with_bias(x, h, b2)
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out

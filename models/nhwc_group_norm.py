@@ -14,6 +14,9 @@ The backward for x (weight and bias frozen, as in LoRA training):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight,  means over the (b, g) group
 
+`shift` (B, C) is added to x as it is read, in fp32 (a resnet's conv bias and timestep embedding; its
+gradient, where one is wanted, is dx summed over H, W).
+
 `silu=True` returns silu(y) = y * sigmoid(y) (Elfwing et al. 2018, eq. 3) from the same kernel, as the
 resnets' GroupNorm -> SiLU needs: one pass instead of two, and only x is kept for the backward, which
 recomputes y and applies silu'(y) = s * (1 + y * (1 - s)), s = sigmoid(y), to the incoming gradient.
@@ -52,16 +55,25 @@ if triton is not None:
         cmask = c < CG
         r = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
         mask = (r[:, None] < HW) & cmask[None, :]
-        return b * HW * C + g * CG + r[:, None] * C + c[None, :], mask, g, c, cmask
+        return b * HW * C + g * CG + r[:, None] * C + c[None, :], mask, g, c, cmask, b
 
     @triton.jit
-    def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, HW, C, CG, G, S,
-                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _load_group_tile(x_ptr, shift_ptr, off, mask, b, g, c, cmask, C, CG, SHIFT: tl.constexpr):
+        """x (+ shift[b, channel] where SHIFT) in fp32, 0 outside the mask."""
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if SHIFT:
+            sh = tl.load(shift_ptr + b * C + g * CG + c, mask=cmask, other=0.0)
+            x = tl.where(mask, x + sh[None, :], 0.0)
+        return x
+
+    @triton.jit
+    def _stats_kernel(x_ptr, shift_ptr, pmean_ptr, pm2_ptr, HW, C, CG, G, S,
+                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """One tile of one (b, g): its mean and sum of squared deviations from that mean (two passes over
         registers), to be combined over the group's S tiles by _combine_stats_kernel."""
         pid, tile = tl.program_id(0), tl.program_id(1)
-        off, mask, g, c, cmask = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        off, mask, g, c, cmask, b = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
+        x = _load_group_tile(x_ptr, shift_ptr, off, mask, b, g, c, cmask, C, CG, SHIFT)
         n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * CG
         mean = tl.sum(x, axis=None) / n
         d = tl.where(mask, x - mean, 0.0)
@@ -96,9 +108,11 @@ if triton is not None:
         tl.store(out_ptr + pid, tl.sum(v, axis=0))
 
     @triton.jit
-    def _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's (BLOCK_HW, BLOCK_C) tile of sample b: xhat = (x - mean) * rstd in fp32, with the
-        tile's offsets, mask, channels, their group indices and rstd (the elementwise kernels' common part)."""
+    def _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, SHIFT: tl.constexpr,
+                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (BLOCK_HW, BLOCK_C) tile of sample b: xhat = (x [+ shift] - mean) * rstd in fp32,
+        with the tile's offsets, mask, channels, their group indices and rstd (the elementwise kernels' common
+        part)."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -106,6 +120,8 @@ if triton is not None:
         mask = (r[:, None] < HW) & cm[None, :]
         off = b * HW * C + r[:, None] * C + c[None, :]
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if SHIFT:
+            x += tl.load(shift_ptr + b * C + c, mask=cm, other=0.0)[None, :]
         grp = b * G + c // CG
         mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
         rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
@@ -120,10 +136,10 @@ if triton is not None:
         return dy * s * (1.0 + y * (1.0 - s))
 
     @triton.jit
-    def _apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G,
-                      SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
-                                                             BLOCK_HW, BLOCK_C)
+    def _apply_kernel(x_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, SILU: tl.constexpr,
+                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
+                                                             SHIFT, BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
         y = xhat * w[None, :] + bias[None, :]
@@ -132,15 +148,16 @@ if triton is not None:
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psg_ptr, psgx_ptr, HW, C, CG, G, S,
-                           SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _grad_stats_kernel(x_ptr, shift_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psg_ptr, psgx_ptr, HW, C,
+                           CG, G, S, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
         """One tile of one (b, g): sums of g = dy * w and of g * xhat (summed over tiles by _sum_parts_kernel)."""
         pid, tile = tl.program_id(0), tl.program_id(1)
-        off, mask, g, c, cmask = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
+        off, mask, g, c, cmask, b = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
-        xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        xhat = (_load_group_tile(x_ptr, shift_ptr, off, mask, b, g, c, cmask, C, CG, SHIFT) - mean) * rstd
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             dy = _silu_grad(dy, xhat, w, b_ptr + g * CG, c, cmask)
@@ -149,10 +166,11 @@ if triton is not None:
         tl.store(psgx_ptr + pid * S + tile, tl.sum(tl.where(mask, gr * xhat, 0.0), axis=None))
 
     @triton.jit
-    def _grad_x_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C, CG, G,
-                       inv_n, SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
-                                                             BLOCK_HW, BLOCK_C)
+    def _grad_x_kernel(x_ptr, shift_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C,
+                       CG, G, inv_n, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
+                                                             SHIFT, BLOCK_HW, BLOCK_C)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         mg = tl.load(sg_ptr + grp, mask=cm, other=0.0) * inv_n          # mean of g over the group
         mgx = tl.load(sgx_ptr + grp, mask=cm, other=0.0) * inv_n        # mean of g * xhat
@@ -182,47 +200,52 @@ def _blocks(hw: int, c: int, cg: int) -> dict:
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, silu):
+    def forward(ctx, x, groups, weight, bias, eps, silu, shift):
         b, c, h, w = x.shape
         hw, cg = h * w, c // groups
         xv = _nhwc(x)                                                   # (B, HW, C) view
+        sh = xv if shift is None else shift                             # (B, C) fp32, or an unused pointer
         y = torch.empty_like(x)                                         # channels_last, like x
         k = _blocks(hw, c, cg)
         parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)  # per-tile mean, M2
         stats = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
         mean, rstd = stats[0], stats[1]
-        _stats_kernel[(b * groups, k["s"])](xv, parts[0], parts[1], hw, c, cg, groups, k["s"],
+        on = shift is not None
+        _stats_kernel[(b * groups, k["s"])](xv, sh, parts[0], parts[1], hw, c, cg, groups, k["s"], SHIFT=on,
                                             BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
         _combine_stats_kernel[(b * groups,)](parts[0], parts[1], mean, rstd, hw, cg, k["s"], eps,
                                              BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"])
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
-        _apply_kernel[grid](xv, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu,
+        _apply_kernel[grid](xv, sh, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, SHIFT=on,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
         ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd, shift = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.groups
         hw, cg = h * w, c // groups
         dy = dy.contiguous(memory_format=torch.channels_last)
         xv, dyv = _nhwc(x), _nhwc(dy)
+        sh, on = (xv, False) if shift is None else (shift, True)
         k = _blocks(hw, c, cg)
         parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)
         sums = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
         sg, sgx = sums[0], sums[1]
-        _grad_stats_kernel[(b * groups, k["s"])](xv, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c, cg,
-                                                 groups, k["s"], SILU=ctx.silu, BLOCK_HW=k["stats_hw"],
-                                                 BLOCK_C=k["block_cg"])
+        _grad_stats_kernel[(b * groups, k["s"])](xv, sh, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c,
+                                                 cg, groups, k["s"], SILU=ctx.silu, SHIFT=on,
+                                                 BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
         _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"])
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
-        _grad_x_kernel[grid](xv, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
-                             1.0 / (hw * cg), SILU=ctx.silu, BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
-        return dx, None, None, None, None, None
+        _grad_x_kernel[grid](xv, sh, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
+                             1.0 / (hw * cg), SILU=ctx.silu, SHIFT=on, BLOCK_HW=k["apply_hw"],
+                             BLOCK_C=k["apply_c"])
+        dshift = dx.float().sum(dim=(2, 3)) if on and ctx.needs_input_grad[6] else None   # (B, C)
+        return dx, None, None, None, None, None, dshift
 
 
 def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
@@ -235,9 +258,13 @@ def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float, silu: bool = False) -> torch.Tensor:
-    """F.group_norm(x, groups, weight, bias, eps) for a channels_last x (then F.silu where `silu`); the
-    output is channels_last."""
-    if x.shape[1] % groups:
-        raise ValueError(f"GroupNorm: {x.shape[1]} channels do not split into {groups} groups")
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
+                    eps: float, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """F.group_norm(x + shift[:, :, None, None], groups, weight, bias, eps) for a channels_last x (then F.silu
+    where `silu`); the output is channels_last. `shift` (B, C) or (C,), added in fp32 as x is read: a resnet's
+    conv bias plus its timestep embedding (models/blocks.py), which then never make a pass of their own."""
+    b, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
+    if shift is not None:
+        shift = shift.float().expand(b, c).contiguous()                 # (B, C) fp32
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu, shift)

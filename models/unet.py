@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models import bias_folding
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
@@ -237,7 +238,7 @@ class Transformer2DModel(nn.Module):
         residual = x
         x = self.norm(x)
         if not self.linear_proj:
-            x = self.proj_in(x)
+            x = bias_folding.pointwise(self.proj_in, x)            # channels_last: a GEMM with its bias
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)            # (B, HW, C)
         if self.linear_proj:
             x = self.proj_in(x)
@@ -248,7 +249,7 @@ class Transformer2DModel(nn.Module):
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)              # (B, C, H, W), NHWC in memory
         x = x.contiguous(memory_format=_layout(residual))           # a copy only for an NCHW UNet
         if not self.linear_proj:
-            x = self.proj_out(x)
+            x = bias_folding.pointwise(self.proj_out, x)
         return x + residual
 
 
@@ -258,15 +259,19 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """The norm in its weights' dtype; `silu` (GroupNorms with `nhwc` only, see blocks.norm_silu) returns
-    silu(norm(x))."""
+def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
+                          shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The norm in its weights' dtype; `silu` and `shift` (GroupNorms with `nhwc` only, see
+    blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None]))."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(self.weight.dtype)
         if self.__dict__.get("nhwc"):
             from models import nhwc_group_norm  # Triton: imported only where asked for
             if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
-                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu)
+                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
+                                                       shift)
+        if shift is not None:
+            x = x + shift.to(x.dtype).expand(x.shape[:2])[:, :, None, None]
         y = type(self).forward(self, x)
         return F.silu(y) if silu else y
 

@@ -29,6 +29,22 @@ for (b, c, h, w, g) in [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32), 
         assert err[0] < 1e-5 and err[1] < 1e-5, (b, c, silu, err)
         assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
+# a per-(sample, channel) shift added as the input is read (a resnet's conv bias + timestep embedding), and its
+# gradient (dx summed over H, W) when it needs one; a (C,) shift is broadcast over the samples
+for (b, c, h, w, g), per_sample in [((2, 64, 5, 7, 32), True), ((2, 64, 15, 20, 4), True), ((1, 40, 3, 3, 8), False)]:
+    x = (torch.randn(b, c, h, w) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
+    shift = (torch.randn(b, c) * 2 if per_sample else torch.randn(c)).requires_grad_()
+    wt, bs = torch.randn(c), torch.randn(c)
+    y = ng.group_norm_nhwc(x, g, wt, bs, 1e-5, silu=True, shift=shift)
+    dy = torch.randn_like(y)
+    dx, ds = torch.autograd.grad(y, (x, shift), dy)
+    sh = shift if per_sample else shift.expand(b, c)
+    y2 = F.silu(F.group_norm(x + sh[:, :, None, None], g, wt, bs, 1e-5))
+    dx2, ds2 = torch.autograd.grad(y2, (x, shift), dy)
+    err = ((y - y2).abs().max(), (dx - dx2).abs().max(), (ds - ds2).abs().max())
+    assert err[0] < 1e-5 and err[1] < 1e-5 and err[2] < 1e-4, (b, c, err)
+    assert (ds2 - ds2.mean()).abs().max() > 0.1   # a gradient that could be wrong
+
 # trainable affine parameters: torch's kernel while gradients are recorded, these kernels under no_grad (sampling)
 gn = torch.nn.GroupNorm(8, 16)
 xc = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
@@ -74,18 +90,20 @@ def test_nhwc_group_norm_matches_torch_under_the_interpreter():
 
 @pytest.mark.parametrize("silu", [False, True])
 def test_nhwc_group_norm_kernels_compile_for_an_h100(silu):
+    """silu=True also compiles the shifted variant (as the resnets' norm2 runs)."""
     from models import nhwc_group_norm as ng
     p, f, i = "*bf16", "*fp32", "i32"
     stats, apply = {"BLOCK_HW": 128, "BLOCK_C": 16}, {"BLOCK_HW": 32, "BLOCK_C": 128}
-    compile_for_h100(ng._stats_kernel, dict(x_ptr=p, pmean_ptr=f, pm2_ptr=f, HW=i, C=i, CG=i, G=i, S=i), stats)
+    compile_for_h100(ng._stats_kernel, dict(x_ptr=p, shift_ptr=f, pmean_ptr=f, pm2_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
+                     {"SHIFT": silu, **stats})
     compile_for_h100(ng._combine_stats_kernel, dict(pmean_ptr=f, pm2_ptr=f, mean_ptr=f, rstd_ptr=f, HW=i, CG=i, S=i,
                                                     eps="fp32"), {"BLOCK_HW": 128, "BLOCK_S": 32})
     compile_for_h100(ng._sum_parts_kernel, dict(part_ptr=f, out_ptr=f, S=i), {"BLOCK_S": 32})
-    compile_for_h100(ng._apply_kernel, dict(x_ptr=p, y_ptr=p, mean_ptr=f, rstd_ptr=f, w_ptr=p, b_ptr=p, HW=i, C=i,
-                                            CG=i, G=i), {"SILU": silu, **apply})
-    compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f, rstd_ptr=f,
-                                                 psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
-                     {"SILU": silu, **stats})
-    compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, dy_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f, rstd_ptr=f,
-                                             sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32"),
-                     {"SILU": silu, **apply})
+    compile_for_h100(ng._apply_kernel, dict(x_ptr=p, shift_ptr=f, y_ptr=p, mean_ptr=f, rstd_ptr=f, w_ptr=p, b_ptr=p,
+                                            HW=i, C=i, CG=i, G=i), {"SILU": silu, "SHIFT": silu, **apply})
+    compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
+                                                 rstd_ptr=f, psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
+                     {"SILU": silu, "SHIFT": silu, **stats})
+    compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
+                                             rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32"),
+                     {"SILU": silu, "SHIFT": silu, **apply})
