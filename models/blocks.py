@@ -38,8 +38,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
+    fold_biases = False  # UNet.set_bias_folding: with NHWC norms, _forward_biases_folded
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        if self.norm2.__dict__.get("nhwc"):
+        if self.fold_biases and self.norm2.__dict__.get("nhwc"):
             return self._forward_biases_folded(x, temb)
         h = self.conv1(norm_silu(self.norm1, x))                   # (B, Cout, H, W)
         if self.time_emb_proj is not None:

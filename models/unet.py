@@ -222,6 +222,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """The spatial transformer: GroupNorm, proj_in (1x1 conv, or Linear in SD2), blocks, proj_out."""
 
+    fold_biases = False  # UNet.set_bias_folding: 1x1 proj_in/proj_out as GEMMs on channels_last input
+
     def __init__(self, channels: int, heads: int, layers: int, context_dim: int, groups: int,
                  linear_proj: bool, upcast: bool, dropout: float):
         super().__init__()
@@ -238,7 +240,7 @@ class Transformer2DModel(nn.Module):
         residual = x
         x = self.norm(x)
         if not self.linear_proj:
-            x = bias_folding.pointwise(self.proj_in, x)            # channels_last: a GEMM with its bias
+            x = bias_folding.pointwise(self.proj_in, x) if self.fold_biases else self.proj_in(x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)            # (B, HW, C)
         if self.linear_proj:
             x = self.proj_in(x)
@@ -249,7 +251,7 @@ class Transformer2DModel(nn.Module):
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)              # (B, C, H, W), NHWC in memory
         x = x.contiguous(memory_format=_layout(residual))           # a copy only for an NCHW UNet
         if not self.linear_proj:
-            x = bias_folding.pointwise(self.proj_out, x)
+            x = bias_folding.pointwise(self.proj_out, x) if self.fold_biases else self.proj_out(x)
         return x + residual
 
 
@@ -406,6 +408,16 @@ class UNet2DConditionModel(nn.Module):
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
         self.set_fused_geglu(enabled)
+        self.set_bias_folding(enabled)
+
+    def set_bias_folding(self, enabled: bool = True) -> None:
+        """Convolution biases folded into the operations next to them (models/bias_folding.py): the spatial
+        transformers' 1x1 proj_in/proj_out as GEMMs with the bias in the epilogue (channels_last inputs), and,
+        in resnets whose norms run NHWC, conv1's bias and the timestep embedding as norm2's shift and conv2's
+        bias in the residual sum."""
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock2D, Transformer2DModel)):
+                m.fold_biases = enabled
 
     def set_fused_geglu(self, enabled: bool = True) -> None:
         """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of

@@ -68,6 +68,7 @@ outs = []
 for folded in (False, True):
     unet.to(memory_format=cl if folded else torch.contiguous_format)
     unet.set_norms_in_weight_dtype(True, nhwc=folded)
+    unet.set_bias_folding(folded)
     x = (x0.to(memory_format=cl) if folded else x0.clone()).requires_grad_()
     y = unet(x, t, ctx)
     outs.append((y, *torch.autograd.grad(y.square().sum(), [x] + lora)))

@@ -496,7 +496,7 @@ def test_triton_kernels_on_cuda_round_no_worse_than_torch(dtype):
 
 @cuda
 def test_nhwc_norms_and_fused_geglu_on_cuda_track_fp32(tiny_diffusers_folder, monkeypatch):
-    """A channels_last fp16 UNet with the Triton kernels (train.nhwc_norms, train.fused_geglu) against the
+    """A channels_last fp16 UNet with the Triton kernels (train.nhwc_norms, train.fused_geglu, train.fold_biases) against the
     same UNet in fp32: its output and input gradient are no further from fp32 than torch's half norms and
     eager GEGLU are (a deep random UNet amplifies rounding, so the yardstick is torch's own error), and the
     kernels did run."""
@@ -532,6 +532,7 @@ def test_nhwc_norms_and_fused_geglu_on_cuda_track_fp32(tiny_diffusers_folder, mo
     for fast in (False, True):
         unet.set_norms_in_weight_dtype(True, nhwc=fast)
         unet.set_fused_geglu(fast)
+        unet.set_bias_folding(fast)
         outs.append(run(unet, torch.float16))
     assert calls["gn"] == sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules()) and calls["geglu"] > 0
     for torch_half, triton_half, r in zip(*outs, ref):

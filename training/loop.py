@@ -111,6 +111,8 @@ class Trainer:
             self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and ours and on("nhwc_norms"))
         if ours and on("fused_geglu"):
             self.sd.unet.set_fused_geglu(True)
+        if ours and self.channels_last and on("fold_biases"):
+            self.sd.unet.set_bias_folding(True)
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))

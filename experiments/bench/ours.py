@@ -18,7 +18,8 @@ from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, pea
                                       split_peak, sync, world)
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
-        "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false"}
+        "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false",
+        "train.fold_biases": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -34,7 +35,9 @@ MODES = {  # name -> train.* overrides
     "graph_hn": _mode(cuda_graph=1, half_norms=1),
     "graph_cl_hn": _mode(cuda_graph=1, channels_last=1, half_norms=1),
     "cl_hn": _mode(channels_last=1, half_norms=1),  # session 4's default, launched eagerly (for the profiler)
-    "cl_hn_triton": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1),  # the default, eagerly
+    "cl_hn_triton": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1),  # session 5's default, eagerly
+    "eager_default": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1, cast_lora_once=1,
+                           fold_biases=1),  # the default, launched eagerly (for the profiler)
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -42,6 +45,8 @@ MODES = {  # name -> train.* overrides
     "default_no_triton": ["train.nhwc_norms=false", "train.fused_geglu=false"],  # session 4's default: no NHWC GroupNorm, no fused GEGLU
     "default_no_geglu": ["train.fused_geglu=false"],
     "default_no_cast": ["train.cast_lora_once=false"],  # autocast casts each LoRA weight where it is used
+    "default_no_fold": ["train.fold_biases=false"],     # torch adds each conv bias after cuDNN's kernel
+    "session5": ["train.cast_lora_once=false", "train.fold_biases=false"],  # session 5's default
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
 }
 
