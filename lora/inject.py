@@ -167,6 +167,13 @@ def set_multiplier(model: nn.Module, adapter: str, weight: float) -> None:
         raise KeyError(f"no adapter {adapter!r} in {type(model).__name__}")
 
 
+def set_fused_lora_backward(model: nn.Module, enabled: bool = True) -> None:
+    """LoRA on frozen Linear layers as one autograd function each (lora/linear_fn.py): the adapter's input
+    gradient is added inside the base layer's backward GEMM instead of in a separate elementwise sum."""
+    for _, layer in lora_layers(model):
+        layer.fused_backward = enabled
+
+
 def set_enabled(model: nn.Module, enabled: bool, adapter: str | None = None) -> None:
     for _, layer in lora_layers(model):
         for name, a in layer.lora.items():

@@ -164,8 +164,28 @@ class LoRALayer(nn.Module):
         self.lora[name] = LoRAAdapter(self.base_layer, **kw)
         return self.lora[name]
 
+    fused_backward = False  # lora.inject.set_fused_lora_backward: lora/linear_fn.py where it applies
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_backward and torch.is_grad_enabled():
+            a = self._single_adapter()
+            if a is not None:
+                from lora.linear_fn import lora_linear
+                return lora_linear(x, self.base_layer, a)
         return self.add_lora(x, self.base_layer(x))
+
+    def _single_adapter(self) -> LoRAAdapter | None:
+        """The one adapter lora_linear can run: a frozen Linear base, one active unmerged adapter without rank or
+        module dropout (kohya's, rarely used: add_lora handles them); None otherwise."""
+        base = self.base_layer
+        if not isinstance(base, nn.Linear) or base.weight.requires_grad or \
+                (base.bias is not None and base.bias.requires_grad):
+            return None
+        active = [(n, a) for n, a in self.lora.items() if a.enabled and n not in self.merged]
+        if len(active) != 1:
+            return None
+        a = active[0][1]
+        return None if a.training and (a.rank_dropout > 0 or a.module_dropout > 0) else a
 
     def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base layer's output for x) plus every active adapter's contribution."""

@@ -28,7 +28,7 @@ from data.dataset import ImageCaptionDataset, collate
 from data.folder import scan_folder
 from lora import mask_replay
 from lora.half_weights import half_weights
-from lora.inject import inject_lora, lora_layers, lora_parameters, set_enabled
+from lora.inject import inject_lora, lora_layers, lora_parameters, set_enabled, set_fused_lora_backward
 from lora.io import save_lora
 from models import sdpa_backend
 from models.load import load_model, pick_device
@@ -113,6 +113,10 @@ class Trainer:
             self.sd.unet.set_fused_geglu(True)
         if ours and self.channels_last and on("fold_biases"):
             self.sd.unet.set_bias_folding(True)
+        if on("fused_lora_backward"):
+            set_fused_lora_backward(self.sd.unet)
+            if self.train_te:
+                set_fused_lora_backward(self.sd.text_encoder)
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))

@@ -1,0 +1,86 @@
+"""A frozen nn.Linear with one LoRA adapter as a single autograd function, so that the adapter's input
+gradient is added inside the base layer's backward GEMM.
+
+    y  = x W^T + b + s * (drop(x) A^T) B^T                      (Hu et al. 2021, eq. 3; s = alpha/r * multiplier)
+    dB = g^T h,   h = s * drop(x) A^T                           (N, r)
+    dA = (s * g B)^T drop(x)                                    (r, K)
+    dx = g W + mask/(1-p) * ((s * g B) A)                       (M, K): one addmm, the LoRA term as its C
+
+Autograd would compute g W and the LoRA term separately and add them in a layer-sized elementwise
+kernel (96 of them per batch-8 SD1.5 step with attention LoRA: the q/k/v/out projections on image
+tokens); cuBLAS adds C in its epilogue instead. The dropout mask is drawn by torch's own dropout
+kernel (the same masks as nn.Dropout under the same seed) or taken from lora/mask_replay.py inside a
+checkpointed block. Used by LoRALayer for Linear bases with one active adapter, no rank dropout, while
+gradients are recorded (lora.inject.set_fused_lora_backward; train.fused_lora_backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lora import mask_replay
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except RuntimeError:   # a device type autocast does not know
+        pass
+    return x.dtype
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale, p, mask):
+        dt = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dt)                                # (M, K)
+        w, a, b_up = weight.to(dt), down.to(dt), up.to(dt)                  # (N, K), (r, K), (N, r)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue
+            if p > 0 and mask is None and x2.is_cuda:
+                xd, mask = torch.native_dropout(x2, p, True)                # nn.Dropout's CUDA kernel: same masks
+            elif p > 0 and mask is None:                                    # nn.Dropout on a CPU: scaled noise
+                mask = torch.empty_like(x2).bernoulli_(1 - p).div_(1 - p)
+                xd = x2 * mask
+            elif p > 0:                                                     # a kept mask (mask_replay)
+                mask = mask.reshape(x2.shape)
+                xd = x2 * mask * (1.0 / (1.0 - p))
+            else:
+                xd = x2
+            h = F.linear(xd, a) * scale                                     # (M, r)
+            y.addmm_(h, b_up.t())                                           # y += h B^T (cuBLAS epilogue)
+        ctx.save_for_backward(xd, h, w, a, b_up, mask if p > 0 else None)
+        ctx.scale, ctx.p, ctx.shape = scale, p, shape
+        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, h, w, a, b_up, mask = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)                         # (M, N)
+        gh = (g2 @ b_up) * ctx.scale                                        # (M, r)
+        d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
+        d_down = (gh.t() @ xd).to(a_dtype) if ctx.needs_input_grad[3] else None       # (r, K)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            t = gh @ a                                                      # (M, K)
+            if mask is not None and mask.dtype == torch.bool:
+                t = torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - ctx.p))
+            elif mask is not None:
+                t = t * mask
+            dx = torch.addmm(t, g2, w).view(ctx.shape).to(x_dtype)          # t + g W, one GEMM
+        return dx, None, None, d_down, d_up, None, None, None
+
+
+def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor:
+    """base(x) + adapter(x) for a frozen nn.Linear and one LoRAAdapter (lora/layers.py)."""
+    down, up = adapter.weights()
+    p = adapter.dropout.p if adapter.training and isinstance(adapter.dropout, torch.nn.Dropout) else 0.0
+    mask = None
+    if p > 0 and mask_replay.active():   # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
+        mask = mask_replay.mask(adapter, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
+    return _LoRALinear.apply(x, base.weight, base.bias, down, up, adapter.scale * adapter.multiplier, p, mask)
