@@ -8,9 +8,11 @@ gradient is added inside the base layer's backward GEMM.
 
 Autograd would compute g W and the LoRA term separately and add them in a layer-sized elementwise
 kernel (96 of them per batch-8 SD1.5 step with attention LoRA: the q/k/v/out projections on image
-tokens); cuBLAS adds C in its epilogue instead. The dropout mask is drawn by torch's own dropout
-kernel (the same masks as nn.Dropout under the same seed) or taken from lora/mask_replay.py inside a
-checkpointed block. Used by LoRALayer for Linear bases with one active adapter, no rank dropout, while
+tokens); cuBLAS adds C in its epilogue instead. With dropout on CUDA in half precision the mask is a seed
+and the dropout runs inside Triton kernels for the down projection and its gradients
+(lora/dropout_down.py: the dropped input is never stored); elsewhere it is drawn by torch's own dropout
+kernel (the same masks as nn.Dropout under the same seed). Inside a checkpointed block the seed or mask
+comes from lora/mask_replay.py. Used by LoRALayer for Linear bases with one active adapter, no rank dropout, while
 gradients are recorded (lora.inject.set_fused_lora_backward; train.fused_lora_backward).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora import mask_replay
+from lora import dropout_down, mask_replay
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,8 +40,17 @@ class _LoRALinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)                                # (M, K)
         w, a, b_up = weight.to(dt), down.to(dt), up.to(dt)                  # (N, K), (r, K), (N, r)
+        ctx.scale, ctx.p, ctx.shape = scale, p, shape
+        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
+        ctx.seeded = mask is not None and mask.dtype == torch.int64         # a seed: lora/dropout_down.py
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue
+            if ctx.seeded:                                                  # dropout inside the down projection
+                x2 = x2.contiguous()
+                h = dropout_down.down(x2, a, mask, p, scale)                # (M, r)
+                y.addmm_(h, b_up.t())
+                ctx.save_for_backward(x2, h, w, a, b_up, mask)
+                return y.view(*shape[:-1], y.shape[-1])
             if p > 0 and mask is None and x2.is_cuda:
                 xd, mask = torch.native_dropout(x2, p, True)                # nn.Dropout's CUDA kernel: same masks
             elif p > 0 and mask is None:                                    # nn.Dropout on a CPU: scaled noise
@@ -53,8 +64,6 @@ class _LoRALinear(torch.autograd.Function):
             h = F.linear(xd, a) * scale                                     # (M, r)
             y.addmm_(h, b_up.t())                                           # y += h B^T (cuBLAS epilogue)
         ctx.save_for_backward(xd, h, w, a, b_up, mask if p > 0 else None)
-        ctx.scale, ctx.p, ctx.shape = scale, p, shape
-        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -64,6 +73,14 @@ class _LoRALinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)                         # (M, N)
         gh = (g2 @ b_up) * ctx.scale                                        # (M, r)
         d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
+        if ctx.seeded:                                                      # xd is x; `mask` the seed
+            d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = g2 @ w                                                 # (M, K)
+                dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)        # += keep/(1-p) * (gh A)
+                dx = dx.view(ctx.shape).to(x_dtype)
+            return dx, None, None, d_down, d_up, None, None, None
         d_down = (gh.t() @ xd).to(a_dtype) if ctx.needs_input_grad[3] else None       # (r, K)
         dx = None
         if ctx.needs_input_grad[0]:
@@ -81,6 +98,9 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor
     down, up = adapter.weights()
     p = adapter.dropout.p if adapter.training and isinstance(adapter.dropout, torch.nn.Dropout) else 0.0
     mask = None
-    if p > 0 and mask_replay.active():   # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
+    if p > 0 and dropout_down.usable(x, _compute_dtype(x), adapter.rank):  # the mask as a seed, regenerated
+        draw = lambda: dropout_down.new_seed(x.device)                     # noqa: E731
+        mask = mask_replay.mask(adapter, "dropout_seed", draw) if mask_replay.active() else draw()
+    elif p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
         mask = mask_replay.mask(adapter, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
     return _LoRALinear.apply(x, base.weight, base.bias, down, up, adapter.scale * adapter.multiplier, p, mask)

@@ -1,0 +1,151 @@
+"""LoRA dropout fused into the down projection (Triton): the dropped input is never written.
+
+    h  = scale/(1-p) * (x * keep) A^T                                 (M, r)     forward, one pass over x
+    dA = 1/(1-p) * gh^T (x * keep)                                    (r, K)     backward, x read again
+    dx += keep/(1-p) * (gh A)                                         (M, K)     into the base's input gradient
+
+keep = philox_uniform(seed, m * K + k) >= p (Salmon et al. 2011, "Parallel random numbers: as easy as
+1, 2, 3"; `tl.rand`), regenerated wherever it is needed: nothing but the seed (one int64 on the device,
+drawn from torch's generator, so CUDA graphs and lora/mask_replay.py handle it like any random tensor)
+is kept. Against torch's dropout kernel plus a GEMM, each LoRA'd projection on image tokens saves
+writing the dropped copy and its mask and reading them twice (LoRA dropout took 2.1 ms of the batch-8
+bf16 step on an H100, experiments/bench/RESULTS.md), and the saved activation is the input itself,
+shared by q, k and v, instead of three dropped copies. The masks are other random draws than
+nn.Dropout's (the same distribution). Used by lora/linear_fn.py; tested under Triton's interpreter
+against torch on the masks from `keep_mask` (tests/test_dropout_down.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from models.nhwc_group_norm import INTERPRET, available
+
+if available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keep(seed, m, k, K, p):
+        """The dropout mask of rows m, columns k of an (M, K) input: True where the element is kept."""
+        return tl.rand(seed, (m[:, None] * K + k[None, :]).to(tl.int32)) >= p
+
+    @triton.jit
+    def _down_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, M, K, R, p, scale, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """h[m, :] = scale * sum_k (x * keep)[m, k] A[:, k], accumulated in fp32 over K in blocks."""
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xm = (m[:, None] < M) & (k[None, :] < K)
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=xm, other=0.0)
+            x = tl.where(_keep(seed, m, k, K, p), x, tl.zeros_like(x))
+            at = tl.load(a_ptr + r[None, :] * K + k[:, None], mask=(k[:, None] < K) & (r[None, :] < R),
+                         other=0.0)                                     # (BLOCK_K, BLOCK_R): A^T
+            acc += tl.dot(x, at)
+        tl.store(h_ptr + m[:, None] * R + r[None, :], (acc * scale).to(h_ptr.dtype.element_ty),
+                 mask=(m[:, None] < M) & (r[None, :] < R))
+
+    @triton.jit
+    def _grad_down_kernel(x_ptr, gh_ptr, seed_ptr, part_ptr, M, K, R, p, ROWS, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """part[s, :, k] = sum over this program's ROWS rows of gh^T (x * keep): (R, BLOCK_K), fp32."""
+        k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        s = tl.program_id(1)
+        r = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(s * ROWS, tl.minimum(s * ROWS + ROWS, M), BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            mm = m < M
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=mm[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.where(_keep(seed, m, k, K, p), x, tl.zeros_like(x))
+            gh = tl.load(gh_ptr + m[:, None] * R + r[None, :], mask=mm[:, None] & (r[None, :] < R), other=0.0)
+            acc += tl.dot(tl.trans(gh), x)
+        tl.store(part_ptr + s * R * K + r[:, None] * K + k[None, :], acc, mask=(r[:, None] < R) & (k[None, :] < K))
+
+    @triton.jit
+    def _add_grad_x_kernel(dx_ptr, gh_ptr, a_ptr, seed_ptr, M, K, R, p, inv_keep, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """dx[m, k] += keep * inv_keep * (gh A)[m, k], in place."""
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        r = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        gh = tl.load(gh_ptr + m[:, None] * R + r[None, :], mask=(m[:, None] < M) & (r[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
+        t = tl.dot(gh, a) * inv_keep                                    # (BLOCK_M, BLOCK_K) fp32
+        mask = (m[:, None] < M) & (k[None, :] < K)
+        off = m[:, None] * K + k[None, :]
+        dx = tl.load(dx_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dx += tl.where(_keep(seed, m, k, K, p), t, 0.0)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mask_kernel(out_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        keep = _keep(tl.load(seed_ptr), m, k, K, p)
+        tl.store(out_ptr + m[:, None] * K + k[None, :], keep.to(tl.int8), mask=(m[:, None] < M) & (k[None, :] < K))
+
+_BM, _BK = 64, 64
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))   # tl.dot needs 16 or more along each dimension
+
+
+def usable(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
+    """Triton present; CUDA in fp16/bf16 (tl.dot would round fp32 to tf32), or the interpreter; offsets within
+    int32; a rank tl.dot holds in one block."""
+    if not available() or x.numel() >= 2 ** 31 or rank > 128:
+        return False
+    return INTERPRET or (x.is_cuda and dtype in (torch.float16, torch.bfloat16))
+
+
+def new_seed(device) -> torch.Tensor:
+    """One int64 seed on the device, drawn from torch's generator (graph-safe: a random op like any other)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
+    """The (M, K) bool mask the kernels use for this seed (for tests)."""
+    out = torch.empty(m, k, dtype=torch.int8, device=seed.device)
+    _mask_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](out, seed, m, k, p, BLOCK_M=_BM, BLOCK_K=_BK)
+    return out.bool()
+
+
+def down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """scale * dropout_p(x) @ a^T for x (M, K) contiguous, a (r, K): (M, r) in x's dtype."""
+    m, k = x.shape
+    r = a.shape[0]
+    h = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    _down_kernel[(triton.cdiv(m, _BM),)](x, a.contiguous(), h, seed, m, k, r, p, scale / (1.0 - p),
+                                         BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=_br(r))
+    return h
+
+
+def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """gh^T @ dropout_p(x) (the same mask as forward): (r, K) in fp32. Rows split over ~4 programs per SM,
+    partial sums added in a fixed order (deterministic)."""
+    m, k = x.shape
+    r = gh.shape[1]
+    n_k = triton.cdiv(k, _BK)
+    splits = max(1, min(triton.cdiv(m, _BM), 512 // n_k))
+    rows = triton.cdiv(triton.cdiv(m, splits), _BM) * _BM
+    splits = triton.cdiv(m, rows)
+    part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    _grad_down_kernel[(n_k, splits)](x, gh.contiguous(), seed, part, m, k, r, p, rows,
+                                     BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=_br(r))
+    return part.sum(0) / (1.0 - p)
+
+
+def add_grad_input_(dx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> None:
+    """dx += dropout_p'(gh @ a) in place (dx (M, K) contiguous, gh (M, r), a (r, K))."""
+    m, k = dx.shape
+    r = a.shape[0]
+    _add_grad_x_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](dx, gh.contiguous(), a.contiguous(), seed, m, k,
+                                                                    r, p, 1.0 / (1.0 - p), BLOCK_M=_BM,
+                                                                    BLOCK_K=_BK, BLOCK_R=_br(r))
