@@ -91,6 +91,7 @@ if available():
         tl.store(out_ptr + m[:, None] * K + k[None, :], keep.to(tl.int8), mask=(m[:, None] < M) & (k[None, :] < K))
 
 _BM, _BK = 64, 64
+enabled = True   # train.triton_lora_dropout (training/loop.py): false keeps torch's dropout kernel in linear_fn
 
 
 def _br(r: int) -> int:
@@ -100,7 +101,7 @@ def _br(r: int) -> int:
 def usable(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
     """Triton present; CUDA in fp16/bf16 (tl.dot would round fp32 to tf32), or the interpreter; offsets within
     int32; a rank tl.dot holds in one block."""
-    if not available() or x.numel() >= 2 ** 31 or rank > 128:
+    if not enabled or not available() or x.numel() >= 2 ** 31 or rank > 128:
         return False
     return INTERPRET or (x.is_cuda and dtype in (torch.float16, torch.bfloat16))
 

@@ -140,21 +140,28 @@ def test_cuda_graph_step_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path
 
 
 @cuda
+@pytest.mark.parametrize("precision,rank_dropout", [("fp32", 0.1), ("bf16", 0.0)])
 def test_cuda_graph_with_checkpointing_and_lora_dropout_equals_eager(tiny_diffusers_folder, tiny_data, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, precision, rank_dropout):
     """Gradient checkpointing + LoRA dropout recorded in a graph (masks kept and replayed, no RNG state saved)
-    trains like the eager step given the same mask replay (eager keeps only the RNG state by default)."""
-    from lora import mask_replay
+    trains like the eager step given the same mask replay (eager keeps only the RNG state by default). fp32 with
+    rank dropout: torch's dropout masks; bf16: the LoRA function with the dropout in Triton kernels, whose
+    kept "masks" are seeds."""
+    from lora import dropout_down, mask_replay
+    calls = []
+    real_down = dropout_down.down
+    monkeypatch.setattr(dropout_down, "down", lambda *a: (calls.append(1), real_down(*a))[1])
 
     def replay(tr):
         tr.sd.unet.set_gradient_checkpointing(True, preserve_rng_state=True, context_fn=mask_replay.context_fn)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    common = ["device=cuda", "train.precision=fp32", "train.cudnn_benchmark=false", "train.grad_checkpointing=true",
-              "lora.dropout=0.2", "lora.rank_dropout=0.1"]
+    common = ["device=cuda", f"train.precision={precision}", "train.cudnn_benchmark=false",
+              "train.grad_checkpointing=true", "lora.dropout=0.2", f"lora.rank_dropout={rank_dropout}"]
     _, le, pe = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "e", *common, "train.cuda_graph=false",
                         prepare=replay)
     tr, lg, pg = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "g", *common, "train.cuda_graph=true")
     assert tr.graphed is not None and not tr.graphed.failed
+    assert bool(calls) == (precision == "bf16")
     assert le == pytest.approx(lg, rel=1e-5), (le, lg)
     assert _close(pe, pg, 1e-5)
 

@@ -113,6 +113,8 @@ class Trainer:
             self.sd.unet.set_fused_geglu(True)
         if ours and self.channels_last and on("fold_biases"):
             self.sd.unet.set_bias_folding(True)
+        from lora import dropout_down
+        dropout_down.enabled = on("triton_lora_dropout")
         if on("fused_lora_backward"):
             set_fused_lora_backward(self.sd.unet)
             if self.train_te:
