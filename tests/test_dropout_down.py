@@ -94,6 +94,6 @@ def test_dropout_down_kernels_compile_for_an_h100():
     compile_for_h100(dd._down_kernel, dict(x_ptr=h, a_ptr=h, h_ptr=h, seed_ptr=s, M=i, K=i, R=i, p="fp32",
                                            scale="fp32"), blocks)
     compile_for_h100(dd._grad_down_kernel, dict(x_ptr=h, gh_ptr=h, seed_ptr=s, part_ptr=f, M=i, K=i, R=i, p="fp32",
-                                                ROWS=i), blocks)
+                                                inv_keep="fp32", ROWS=i), blocks)
     compile_for_h100(dd._add_grad_x_kernel, dict(dx_ptr=h, gh_ptr=h, a_ptr=h, seed_ptr=s, M=i, K=i, R=i, p="fp32",
                                                  inv_keep="fp32"), blocks)
