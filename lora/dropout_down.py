@@ -108,6 +108,10 @@ if available():
 
 _BM, _BK = 64, 64
 enabled = True   # train.triton_lora_dropout (training/loop.py): false keeps torch's dropout kernel in linear_fn
+# Inputs smaller than this keep torch's dropout kernel and cuBLAS: with few row blocks the kernels leave SMs idle
+# (H100: batch 8 gained 1.6 ms with every projection here, batch 2, whose largest input is 2.6M elements, lost
+# 1.0 ms; experiments/bench/RESULTS.md)
+min_elements = 4 * 2 ** 20
 
 
 def _br(r: int) -> int:
@@ -115,9 +119,9 @@ def _br(r: int) -> int:
 
 
 def usable(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
-    """Triton present; CUDA in fp16/bf16 (tl.dot would round fp32 to tf32), or the interpreter; offsets within
-    int32; a rank tl.dot holds in one block."""
-    if not enabled or not available() or x.numel() >= 2 ** 31 or rank > 128:
+    """Triton present; CUDA in fp16/bf16 (tl.dot would round fp32 to tf32), or the interpreter; an input of at
+    least `min_elements` and with offsets within int32; a rank tl.dot holds in one block."""
+    if not enabled or not available() or not min_elements <= x.numel() < 2 ** 31 or rank > 128:
         return False
     return INTERPRET or (x.is_cuda and dtype in (torch.float16, torch.bfloat16))
 
