@@ -114,8 +114,8 @@ class Trainer:
         if ours and self.channels_last and on("fold_biases"):
             self.sd.unet.set_bias_folding(True)
         from lora import dropout_down
-        dropout_down.enabled = on("triton_lora_dropout")
-        if on("fused_lora_backward"):
+        dropout_down.enabled = ours and on("triton_lora_dropout")
+        if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
             if self.train_te:
                 set_fused_lora_backward(self.sd.text_encoder)
