@@ -4,16 +4,18 @@ gradient is added inside the base layer's backward GEMM.
     y  = x W^T + b + s * (drop(x) A^T) B^T                      (Hu et al. 2021, eq. 3; s = alpha/r * multiplier)
     dB = g^T h,   h = s * drop(x) A^T                           (N, r)
     dA = (s * g B)^T drop(x)                                    (r, K)
-    dx = g W + mask/(1-p) * ((s * g B) A)                       (M, K): one addmm, the LoRA term as its C
+    dx = g W + mask/(1-p) * ((s * g B) A)                       (M, K)
 
 Autograd would compute g W and the LoRA term separately and add them in a layer-sized elementwise
 kernel (96 of them per batch-8 SD1.5 step with attention LoRA: the q/k/v/out projections on image
-tokens); cuBLAS adds C in its epilogue instead. With dropout on CUDA in half precision the mask is a seed
-and the dropout runs inside Triton kernels for the down projection and its gradients
-(lora/dropout_down.py: the dropped input is never stored); elsewhere it is drawn by torch's own dropout
-kernel (the same masks as nn.Dropout under the same seed). Inside a checkpointed block the seed or mask
-comes from lora/mask_replay.py. Used by LoRALayer for Linear bases with one active adapter, no rank dropout, while
-gradients are recorded (lora.inject.set_fused_lora_backward; train.fused_lora_backward).
+tokens); here the LoRA term is the C of one addmm, which cuBLAS adds in its epilogue. With dropout on
+CUDA in half precision (inputs of 4M elements or more) the mask is a seed instead and the dropout runs
+inside Triton kernels for the down projection and its gradients (lora/dropout_down.py: the dropped
+input is never stored; dx is g W with the masked LoRA term added in place); elsewhere the mask is drawn
+by torch's own dropout kernel (the same masks as nn.Dropout under the same seed). Inside a checkpointed
+block the seed or mask comes from lora/mask_replay.py. Used by LoRALayer for Linear bases with one
+active adapter and no rank or module dropout, while gradients are recorded
+(lora.inject.set_fused_lora_backward; train.fused_lora_backward).
 """
 from __future__ import annotations
 

@@ -504,8 +504,8 @@ def test_triton_kernels_on_cuda_round_no_worse_than_torch(dtype):
 
 @cuda
 def test_nhwc_norms_and_fused_geglu_on_cuda_track_fp32(tiny_diffusers_folder, monkeypatch):
-    """A channels_last fp16 UNet with the Triton kernels (train.nhwc_norms, train.fused_geglu, train.fold_biases) against the
-    same UNet in fp32: its output and input gradient are no further from fp32 than torch's half norms and
+    """A channels_last fp16 UNet with the Triton kernels (train.nhwc_norms, train.fused_geglu, train.fold_biases)
+    against the same UNet in fp32: its output and input gradient are no further from fp32 than torch's half norms and
     eager GEGLU are (a deep random UNet amplifies rounding, so the yardstick is torch's own error), and the
     kernels did run."""
     pytest.importorskip("triton")
