@@ -53,32 +53,15 @@ assert all((u - v).abs().max() < 1e-3 * max(1.0, v.abs().max().item()) for u, v 
 # a checkpointed UNet block recomputes with the kept seeds (as inside a CUDA graph) = the plain forward
 sys.path.insert(0, "tests")
 from conftest import UNET_CONFIGS
-from lora import mask_replay
-from lora.inject import inject_lora, lora_parameters, set_fused_lora_backward
 from models.unet import UNet2DConditionModel, UNetConfig
 del dd.new_seed
 import importlib; importlib.reload(dd)
 dd.min_elements = 0
+from lora_grads import unet_lora_grads
 def grads(ckpt):
-    torch.manual_seed(1)
+    torch.manual_seed(1)                            # the same random UNet for both
     unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).requires_grad_(False)
-    inject_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4, alpha=4, dropout=0.3)
-    for n, q in unet.named_parameters():
-        if "lora.default.up" in n:
-            q.data.normal_(0, 0.1)
-    set_fused_lora_backward(unet)
-    unet.train()
-    if ckpt:
-        unet.set_gradient_checkpointing(True, preserve_rng_state=False, context_fn=mask_replay.context_fn)
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    torch.manual_seed(2)
-    mask_replay.clear()
-    with mask_replay.recording():
-        out = unet(x, torch.tensor([10, 500]), ctx)
-    out.square().mean().backward()
-    mask_replay.clear()
-    return out.detach(), [q.grad.clone() for q in lora_parameters(unet)]
+    return unet_lora_grads(unet, ["to_q", "to_k", "to_v", "to_out.0"], fused=True, ckpt=ckpt)
 (o1, g1), (o2, g2) = grads(False), grads(True)
 assert torch.allclose(o1, o2, atol=1e-6) and all(torch.allclose(u, v, rtol=1e-4, atol=1e-7) for u, v in zip(g1, g2))
 print("ok")

@@ -4,7 +4,6 @@ blocks, and in a training run."""
 import pytest
 import torch
 
-from lora.inject import inject_lora, lora_parameters, set_fused_lora_backward
 from lora.layers import LoRALayer
 from test_train import tiny_data  # noqa: F401  (a fixture)
 
@@ -78,29 +77,12 @@ def test_fused_path_only_where_it_applies():
 def test_fused_lora_in_a_unet_with_checkpointing_and_kept_masks(tiny_diffusers_folder, ckpt):
     """The UNet's attention LoRA with dropout through the fused function: the same output and LoRA gradients as
     autograd's path, also when checkpointed blocks replay their kept masks (as in a CUDA graph)."""
-    from lora import mask_replay
+    from lora_grads import unet_lora_grads
     from models.load import load_model
 
     def grads(fused):
         unet = load_model(tiny_diffusers_folder).unet
-        torch.manual_seed(1)
-        inject_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in"], rank=4, alpha=4, dropout=0.3)
-        for n, p in unet.named_parameters():
-            if "lora.default.up" in n:
-                p.data.normal_(0, 0.1)
-        set_fused_lora_backward(unet, fused)
-        unet.train()
-        if ckpt:
-            unet.set_gradient_checkpointing(True, preserve_rng_state=False, context_fn=mask_replay.context_fn)
-        g = torch.Generator().manual_seed(0)
-        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-        torch.manual_seed(2)
-        mask_replay.clear()
-        with mask_replay.recording():
-            out = unet(x, torch.tensor([10, 500]), ctx)
-        out.square().mean().backward()
-        mask_replay.clear()
-        return out.detach(), [p.grad.clone() for p in lora_parameters(unet)]
+        return unet_lora_grads(unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in"], fused, ckpt)
     out_a, ga = grads(False)
     out_b, gb = grads(True)
     assert torch.allclose(out_a, out_b, atol=1e-5, rtol=1e-5)
