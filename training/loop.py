@@ -113,7 +113,7 @@ class Trainer:
             self.sd.unet.set_fused_geglu(True)
         if ours and self.channels_last and on("fold_biases"):
             self.sd.unet.set_bias_folding(True)
-        from lora import dropout_down
+        from lora import dropout_down  # (here: it imports Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
