@@ -257,8 +257,7 @@ class Transformer2DModel(nn.Module):
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a channels_last (and not also NCHW-contiguous) 4-D tensor, else NCHW."""
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
+    return torch.channels_last if bias_folding.is_channels_last(t) else torch.contiguous_format
 
 
 def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,

@@ -1,4 +1,4 @@
-"""models/bias_folding.py: convolution biases folded into GEMM epilogues, the resnets' second GroupNorm and
+"""models/bias_folding.py (and its kernel, models/nhwc_add.py): convolution biases folded into GEMM epilogues, the resnets' second GroupNorm and
 the residual sum give the unfolded UNet's numbers, LoRA on the folded convolutions included. The Triton
 kernels run under Triton's interpreter on the CPU (tests/triton_helpers.py)."""
 import pytest
@@ -28,11 +28,12 @@ for (b, c, h, w) in [(2, 40, 5, 7), (1, 320, 3, 3)]:
     assert (y - ref).abs().max() < 1e-6 and y.is_contiguous(memory_format=cl)
     assert all((p - q).abs().max() < 1e-4 for p, q in zip(got, want))
 calls = {"add": 0}
-real_apply = bf._AddWithBias.apply
+from models import nhwc_add
+real_apply = nhwc_add._AddWithBias.apply
 def counted(*a):
     calls["add"] += 1
     return real_apply(*a)
-bf._AddWithBias.apply = counted
+nhwc_add._AddWithBias.apply = counted
 
 # a 1x1 convolution as a GEMM over NHWC memory, with an extra bias folded in, with and without LoRA
 from lora.layers import LoRALayer
@@ -87,7 +88,7 @@ def test_folded_biases_match_torch_under_the_interpreter():
 
 
 def test_add_with_bias_kernel_compiles_for_an_h100():
-    from models import bias_folding as bf
+    from models import nhwc_add
     p = "*bf16"
-    compile_for_h100(bf._add_bias_kernel, dict(a_ptr=p, b_ptr=p, bias_ptr=p, out_ptr=p, M="i32", C="i32"),
+    compile_for_h100(nhwc_add._add_bias_kernel, dict(a_ptr=p, b_ptr=p, bias_ptr=p, out_ptr=p, M="i32", C="i32"),
                      {"BLOCK_M": 32, "BLOCK_C": 128})
