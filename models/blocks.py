@@ -95,9 +95,11 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # nearest copies values, so bf16 needs no fp32 round trip (torch >= 2.1 has the bf16 kernels)
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
-            F.interpolate(x, size=size, mode="nearest")
+        # nearest copies values, so fp16/bf16 need no fp32 round trip (torch >= 2.1 has the kernels); outside
+        # autocast, which would otherwise run it in fp32 on CUDA (the batch-8 profile: fp32 kernels and copies)
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
+                F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
 
 

@@ -213,7 +213,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout)
 
+    fused_norms = False  # UNet.set_fused_layer_norms: each residual sum and the LayerNorm after it in one kernel
+
     def forward(self, x, context):
+        if self.fused_norms and (self.norm1.__dict__.get("in_weight_dtype")
+                                 or not torch.is_autocast_enabled(x.device.type)):  # else autocast's fp32 norms
+            from models.fused_layer_norm import add_layer_norm  # Triton: imported only where asked for
+            x, h = add_layer_norm(self.attn1(add_layer_norm(None, x, self.norm1)), x, self.norm2)
+            x, h = add_layer_norm(self.attn2(h, context), x, self.norm3)
+            return self.ff(h) + x
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
@@ -402,11 +410,12 @@ class UNet2DConditionModel(nn.Module):
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm
-        (+SiLU) in the NHWC Triton kernels and the fused GEGLU, as the training step uses them. Off: NCHW
-        and torch's kernels."""
+        (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, as the training step uses them.
+        Off: NCHW and torch's kernels."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
         self.set_fused_geglu(enabled)
+        self.set_fused_layer_norms(enabled)
         self.set_bias_folding(enabled)
 
     def set_bias_folding(self, enabled: bool = True) -> None:
@@ -417,6 +426,14 @@ class UNet2DConditionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (ResnetBlock2D, Transformer2DModel)):
                 m.fold_biases = enabled
+
+    def set_fused_layer_norms(self, enabled: bool = True) -> None:
+        """Each transformer block's LayerNorms in Triton kernels, norm2 and norm3 with the residual sum before
+        them (models/fused_layer_norm.py): for norms in their weights' dtype (set_norms_in_weight_dtype), frozen
+        or under no_grad; otherwise the block falls back to torch's add and norm."""
+        for m in self.modules():
+            if isinstance(m, BasicTransformerBlock):
+                m.fused_norms = enabled
 
     def set_fused_geglu(self, enabled: bool = True) -> None:
         """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of
@@ -436,9 +453,10 @@ class UNet2DConditionModel(nn.Module):
                 if enabled:
                     m.forward = _norm_in_weight_dtype.__get__(m)
                     m.nhwc = nhwc and isinstance(m, nn.GroupNorm)
+                    m.in_weight_dtype = True
                 else:
-                    m.__dict__.pop("forward", None)
-                    m.__dict__.pop("nhwc", None)
+                    for k in ("forward", "nhwc", "in_weight_dtype"):
+                        m.__dict__.pop(k, None)
 
     def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
                                    context_fn=None) -> None:

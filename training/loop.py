@@ -109,6 +109,8 @@ class Trainer:
         ours = not tc.get("compile")
         if on("half_norms") and base_dtype != torch.float32:
             self.sd.unet.set_norms_in_weight_dtype(True, nhwc=self.channels_last and ours and on("nhwc_norms"))
+            if ours and on("fused_layer_norms"):
+                self.sd.unet.set_fused_layer_norms(True)
         if ours and on("fused_geglu"):
             self.sd.unet.set_fused_geglu(True)
         if ours and self.channels_last and on("fold_biases"):

@@ -20,7 +20,7 @@ from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, pea
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
         "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false",
         "train.fold_biases": "false", "train.fused_lora_backward": "false",
-        "train.triton_lora_dropout": "false"}
+        "train.triton_lora_dropout": "false", "train.fused_layer_norms": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -38,7 +38,8 @@ MODES = {  # name -> train.* overrides
     "cl_hn": _mode(channels_last=1, half_norms=1),  # session 4's default, launched eagerly (for the profiler)
     "cl_hn_triton": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1),  # session 5's default, eagerly
     "eager_default": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1, cast_lora_once=1,
-                           fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1),  # the default, launched eagerly (for the profiler)
+                           fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1,
+                           fused_layer_norms=1),  # the default, launched eagerly (for the profiler)
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -49,8 +50,9 @@ MODES = {  # name -> train.* overrides
     "default_no_fold": ["train.fold_biases=false"],     # torch adds each conv bias after cuDNN's kernel
     "default_no_lora_fn": ["train.fused_lora_backward=false"],  # autograd sums the LoRA's input gradient
     "default_torch_dropout": ["train.triton_lora_dropout=false"],  # the LoRA function with torch's dropout kernel
+    "default_no_fused_ln": ["train.fused_layer_norms=false"],  # torch's LayerNorm and residual adds
     "session5": ["train.cast_lora_once=false", "train.fold_biases=false", "train.fused_lora_backward=false",
-                 "train.triton_lora_dropout=false"],
+                 "train.triton_lora_dropout=false", "train.fused_layer_norms=false"],
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
 }
 

@@ -1,10 +1,10 @@
 """Where the GPU time of one training step goes: CUDA kernel time by kind, from torch.profiler.
 
-    python -m experiments.bench.profile CONFIG [MODE] [ROOT]      (MODE: an ours.MODES name; default eager)
+    python -m experiments.bench.profile CONFIG [MODE] [ROOT] [--rows N]   (MODE: an ours.MODES name; default eager)
 
 Prints the step's wall time, the summed kernel time (busy) and its split into matmul, convolution,
-attention, normalisation, elementwise/copy and optimizer kernels, the 40 costliest kernels, then the
-30 operators (with input shapes) whose own kernels cost most.
+attention, normalisation, elementwise/copy and optimizer kernels, the 40 (--rows) costliest kernels, then
+as many operators (with input shapes) whose own kernels cost most.
 The kernels are the same whether the step is replayed from a CUDA graph or launched eagerly; eager
 shows the names.
 """
@@ -42,7 +42,11 @@ def kind(name: str) -> str:
 
 
 def main():
-    args = sys.argv[1:]
+    args, rows = sys.argv[1:], 40
+    if "--rows" in args:
+        i = args.index("--rows")
+        rows = int(args[i + 1])
+        del args[i:i + 2]
     name, mode = args[0], args[1] if len(args) > 1 else "eager"
     w = world(args[2] if len(args) > 2 else "/tmp/bench", False)
     steps = 3
@@ -74,11 +78,11 @@ def main():
           f"{sum(count.values()) // steps} kernels/step")
     for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:18s} {us / 1e3:7.2f} ms  {100 * us / busy:5.1f}%")
-    for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:40]:
+    for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:rows]:
         print(f"  {us / 1e3:7.3f} ms  x{count[n] // steps:<4d} {n}")
     print("operators by the kernel time they launch themselves (self), with their input shapes:")
     ops = [o for o in prof.key_averages(group_by_input_shape=True) if o.self_device_time_total > 0]
-    for o in sorted(ops, key=lambda o: -o.self_device_time_total)[:30]:
+    for o in sorted(ops, key=lambda o: -o.self_device_time_total)[:rows]:
         print(f"  {o.self_device_time_total / steps / 1e3:7.3f} ms  x{o.count // steps:<4d} {o.key:32s} "
               f"{str(o.input_shapes)[:110]}")
 
