@@ -109,3 +109,21 @@ def test_module_names_are_diffusers_names():
               "down_blocks.0.attentions.0.proj_in", "up_blocks.1.resnets.0.conv_shortcut",
               "down_blocks.0.downsamplers.0.conv", "mid_block.attentions.0.proj_out"]:
         assert n in names, n
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU autocast leaves interpolate alone)")
+def test_upsampling_stays_in_half_precision_under_cuda_autocast():
+    """Nearest upsampling copies values: under CUDA autocast (which runs it in fp32) it must not turn a bf16
+    activation into fp32 for the conv after it (fp32 kernels and copies in the batch-8 profile), and the
+    result is the one without autocast."""
+    from models.blocks import Upsample2D
+    torch.manual_seed(0)
+    up = Upsample2D(8).to("cuda", torch.bfloat16)
+    seen = []
+    up.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    x = torch.randn(2, 8, 4, 4, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.nn.functional.interpolate(x, scale_factor=2.0).dtype == torch.float32  # what autocast does
+        y = up(x)
+    assert seen == [torch.bfloat16] and torch.equal(y, up(x))
