@@ -94,7 +94,13 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
+    nhwc_kernel = False  # UNet.set_nhwc_upsampling: models/nhwc_upsample.py for channels_last inputs on CUDA
+
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.nhwc_kernel and (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])):
+            from models import nhwc_upsample  # Triton: imported only where asked for
+            if nhwc_upsample.usable(x):
+                return self.conv(nhwc_upsample.upsample2x(x))
         # nearest copies values, so fp16/bf16 need no fp32 round trip (torch >= 2.1 has the kernels); outside
         # autocast, which would otherwise run it in fp32 on CUDA (the batch-8 profile: fp32 kernels and copies)
         with torch.autocast(x.device.type, enabled=False):

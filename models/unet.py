@@ -410,12 +410,14 @@ class UNet2DConditionModel(nn.Module):
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm
-        (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, as the training step uses them.
+        (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, the NHWC upsampling, as the training
+        step uses them.
         Off: NCHW and torch's kernels."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
         self.set_fused_geglu(enabled)
         self.set_fused_layer_norms(enabled)
+        self.set_nhwc_upsampling(enabled)
         self.set_bias_folding(enabled)
 
     def set_bias_folding(self, enabled: bool = True) -> None:
@@ -434,6 +436,12 @@ class UNet2DConditionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, BasicTransformerBlock):
                 m.fused_norms = enabled
+
+    def set_nhwc_upsampling(self, enabled: bool = True) -> None:
+        """The upsamplers' nearest 2x in Triton kernels for channels_last inputs (models/nhwc_upsample.py)."""
+        for m in self.modules():
+            if isinstance(m, Upsample2D):
+                m.nhwc_kernel = enabled
 
     def set_fused_geglu(self, enabled: bool = True) -> None:
         """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of

@@ -115,6 +115,8 @@ class Trainer:
             self.sd.unet.set_fused_geglu(True)
         if ours and self.channels_last and on("fold_biases"):
             self.sd.unet.set_bias_folding(True)
+        if ours and self.channels_last and on("nhwc_upsample"):
+            self.sd.unet.set_nhwc_upsampling(True)
         from lora import dropout_down  # (here: it imports Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
