@@ -2,8 +2,7 @@
 
     h  = scale/(1-p) * (x * keep) A^T                                 (M, r)     forward, one pass over x
     dA = 1/(1-p) * gh^T (x * keep)                                    (r, K)     backward, x read again
-    dx += keep/(1-p) * (gh A)                                         (M, K)     into the base's input gradient,
-                                                                                 in dA's pass where both are wanted
+    dx += keep/(1-p) * (gh A)                                         (M, K)     into the base's input gradient
 
 keep = uniform(hash(m * K + k ^ hash(seed))) >= p (a counter-based generator, `_keep`), regenerated
 wherever it is needed: nothing but the seed (one int64 on the device,
@@ -65,33 +64,21 @@ if available():
                  mask=(m[:, None] < M) & (r[None, :] < R))
 
     @triton.jit
-    def _grad_down_kernel(x_ptr, gh_ptr, seed_ptr, part_ptr, dx_ptr, a_ptr, M, K, R, p, inv_keep, ROWS,
-                          ADD_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        """part[s, :, k] = inv_keep * sum over this program's ROWS rows of gh^T (x * keep): (R, BLOCK_K), fp32.
-        ADD_DX: in the same pass (the mask made once, gh read once), dx[m, k] += keep * inv_keep * (gh A)[m, k]
-        in place, as _add_grad_x_kernel."""
+    def _grad_down_kernel(x_ptr, gh_ptr, seed_ptr, part_ptr, M, K, R, p, inv_keep, ROWS, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """part[s, :, k] = inv_keep * sum over this program's ROWS rows of gh^T (x * keep): (R, BLOCK_K), fp32."""
         k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         s = tl.program_id(1)
         r = tl.arange(0, BLOCK_R)
         seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        if ADD_DX:
-            a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
         for m0 in range(s * ROWS, tl.minimum(s * ROWS + ROWS, M), BLOCK_M):
             m = m0 + tl.arange(0, BLOCK_M)
             mm = m < M
-            xmask = mm[:, None] & (k[None, :] < K)
-            off = m[:, None] * K + k[None, :]
-            keep = _keep(seed, m, k, K, p)
-            x = tl.load(x_ptr + off, mask=xmask, other=0.0)
-            x = tl.where(keep, x, tl.zeros_like(x))
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=mm[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.where(_keep(seed, m, k, K, p), x, tl.zeros_like(x))
             gh = tl.load(gh_ptr + m[:, None] * R + r[None, :], mask=mm[:, None] & (r[None, :] < R), other=0.0)
             acc += tl.dot(tl.trans(gh), x)
-            if ADD_DX:
-                t = tl.dot(gh, a) * inv_keep                            # (BLOCK_M, BLOCK_K) fp32
-                dx = tl.load(dx_ptr + off, mask=xmask, other=0.0).to(tl.float32)
-                dx += tl.where(keep, t, 0.0)
-                tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=xmask)
         tl.store(part_ptr + s * R * K + r[:, None] * K + k[None, :], acc * inv_keep,
                  mask=(r[:, None] < R) & (k[None, :] < K))
 
@@ -161,11 +148,9 @@ def down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: 
     return h
 
 
-def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float, dx: torch.Tensor | None = None,
-              a: torch.Tensor | None = None) -> torch.Tensor:
+def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """gh^T @ dropout_p(x) (the same mask as forward): (r, K) in fp32. Rows split over ~4 programs per SM,
-    partial sums added in a fixed order (deterministic). With dx (M, K) contiguous and a (r, K): also
-    dx += dropout_p'(gh @ a) in place, in the same pass over the rows (as add_grad_input_)."""
+    partial sums added in a fixed order (deterministic)."""
     m, k = x.shape
     r = gh.shape[1]
     n_k = triton.cdiv(k, _BK)
@@ -173,9 +158,7 @@ def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float, d
     rows = triton.cdiv(triton.cdiv(m, splits), _BM) * _BM
     splits = triton.cdiv(m, rows)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    add = dx is not None
-    _grad_down_kernel[(n_k, splits)](x, gh.contiguous(), seed, part, dx if add else x,
-                                     a.contiguous() if add else x, m, k, r, p, 1.0 / (1.0 - p), rows, ADD_DX=add,
+    _grad_down_kernel[(n_k, splits)](x, gh.contiguous(), seed, part, m, k, r, p, 1.0 / (1.0 - p), rows,
                                      BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=_br(r))
     return part[0] if splits == 1 else part.sum(0)
 

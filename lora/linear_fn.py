@@ -82,13 +82,11 @@ class _LoRALinear(torch.autograd.Function):
         gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
         d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
         if ctx.seeded:                                                      # xd is x; `mask` the seed
-            dx = g2 @ w if ctx.needs_input_grad[0] else None                # (M, K)
-            d_down = None
-            if ctx.needs_input_grad[3]:                                     # dx += keep/(1-p) * (gh A) in dA's pass
-                d_down = dropout_down.grad_down(xd, gh, mask, ctx.p, dx, a).to(a_dtype)
-            elif dx is not None:
-                dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)
-            if dx is not None:
+            d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = g2 @ w                                                 # (M, K)
+                dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)        # += keep/(1-p) * (gh A)
                 dx = dx.view(ctx.shape).to(x_dtype)
             return dx, None, None, d_down, d_up, None, None, None
         d_down = (gh.t() @ xd).to(a_dtype) if ctx.needs_input_grad[3] else None       # (r, K)

@@ -27,13 +27,8 @@ assert (h - 0.7 * xd @ a.t()).abs().max() < 1e-4
 assert (dd.grad_down(x, gh, seed, p) - gh.t() @ xd).abs().max() < 1e-3
 dx = torch.randn(M, K)
 want = dx + keep / (1 - p) * (gh @ a)
-dx0 = dx.clone()
 dd.add_grad_input_(dx, gh, a, seed, p)
 assert (dx - want).abs().max() < 1e-4
-# both in one pass (the LoRA function's backward when dA and dx are wanted): the same numbers
-dx1 = dx0.clone()
-assert torch.equal(dd.grad_down(x, gh, seed, p, dx1, a), dd.grad_down(x, gh, seed, p))
-assert torch.equal(dx1, dx)
 
 # a LoRA layer through lora/linear_fn.py with the seeded path, against torch on the same mask
 from lora.layers import LoRALayer
@@ -83,9 +78,7 @@ def test_dropout_down_kernels_compile_for_an_h100():
     blocks = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 32}
     compile_for_h100(dd._down_kernel, dict(x_ptr=h, a_ptr=h, h_ptr=h, seed_ptr=s, M=i, K=i, R=i, p="fp32",
                                            scale="fp32"), blocks)
-    for add in (False, True):
-        compile_for_h100(dd._grad_down_kernel, dict(x_ptr=h, gh_ptr=h, seed_ptr=s, part_ptr=f, dx_ptr=h, a_ptr=h, M=i,
-                                                    K=i, R=i, p="fp32", inv_keep="fp32", ROWS=i),
-                         {"ADD_DX": add, **blocks})
+    compile_for_h100(dd._grad_down_kernel, dict(x_ptr=h, gh_ptr=h, seed_ptr=s, part_ptr=f, M=i, K=i, R=i, p="fp32",
+                                                inv_keep="fp32", ROWS=i), blocks)
     compile_for_h100(dd._add_grad_x_kernel, dict(dx_ptr=h, gh_ptr=h, a_ptr=h, seed_ptr=s, M=i, K=i, R=i, p="fp32",
                                                  inv_keep="fp32"), blocks)
