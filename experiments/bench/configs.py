@@ -32,7 +32,7 @@ def world(root, tiny: bool) -> dict:
         return {"device": "cpu", "model": assets / "tiny-sd15", "data": assets / "tiny-world" / "subject",
                 "resolution": 64, "precision": "fp32", "warm": 2, "steps": 10, "sample_dtype": "fp32"}
     return {"device": "cuda", "model": sd15_folder(Path(root)), "data": image_folder(Path(root)), "resolution": 512,
-            "precision": None, "warm": 4, "steps": 30, "sample_dtype": "fp16"}
+            "precision": None, "warm": 4, "steps": 60, "sample_dtype": "fp16"}
 
 
 def sync(device: str) -> None:
