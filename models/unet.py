@@ -411,8 +411,7 @@ class UNet2DConditionModel(nn.Module):
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm
         (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, the NHWC upsampling, as the training
-        step uses them.
-        Off: NCHW and torch's kernels."""
+        step uses them. Off: NCHW and torch's kernels."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
         self.set_fused_geglu(enabled)
