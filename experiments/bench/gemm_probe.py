@@ -10,18 +10,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from experiments.bench.attention import time_ms
+
 
 def timed(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps * 1e-3
+    """Seconds per call (CUDA events; experiments/bench/attention.py's timer)."""
+    return time_ms(fn, reps) * 1e-3
 
 
 def main():
