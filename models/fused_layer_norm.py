@@ -19,18 +19,11 @@ Tested against torch with the interpreter on the CPU (tests/test_fused_layer_nor
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - torch builds without Triton (CPU wheels)
-    triton = None
+from models.nhwc_group_norm import INTERPRET, available
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_C = 8192  # one row per program's registers
 
 
@@ -40,7 +33,10 @@ def blocks(c: int) -> dict:
     return {"BLOCK_R": max(1, 4096 // block_c), "BLOCK_C": block_c}
 
 
-if triton is not None:
+if available():
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def _rows(M, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -127,7 +123,7 @@ def usable(norm: nn.LayerNorm, x: torch.Tensor, a: torch.Tensor | None = None) -
     """Triton on CUDA (or its interpreter), frozen (or no-grad) affine parameters of x's dtype, x's last
     dimension the normalised one, a (if any) of x's shape and dtype."""
     w = norm.weight
-    return (triton is not None and (x.is_cuda or INTERPRET) and w is not None and norm.bias is not None
+    return (available() and (x.is_cuda or INTERPRET) and w is not None and norm.bias is not None
             and len(norm.normalized_shape) == 1 and x.shape[-1] == w.shape[0] <= MAX_C
             and x.dtype == w.dtype == norm.bias.dtype
             and not ((w.requires_grad or norm.bias.requires_grad) and torch.is_grad_enabled())

@@ -27,24 +27,12 @@ assert (fg.geglu(p) - p.chunk(2, -1)[0] * F.gelu(p.chunk(2, -1)[1])).abs().max()
 # the UNet routes every feed-forward through it and gives the same numbers
 import sys
 sys.path.insert(0, "tests")
-from conftest import UNET_CONFIGS
-from models.unet import GEGLU, UNet2DConditionModel, UNetConfig
-calls = {"n": 0}
-orig = fg._GEGLU.apply
-def counted(*a):
-    calls["n"] += 1
-    return orig(*a)
-fg._GEGLU.apply = counted
-unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).requires_grad_(False)
-x = torch.randn(2, 4, 8, 8).requires_grad_()
-t, ctx = torch.tensor([10, 500]), torch.randn(2, 77, UNET_CONFIGS["sd15"]["cross_attention_dim"])
-outs = []
-for fused in (False, True):
-    unet.set_fused_geglu(fused)
-    y = unet(x, t, ctx)
-    outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+from models.unet import GEGLU
+from triton_helpers import count_calls, unet_on_off
+calls = count_calls(fg._GEGLU, "apply")
+unet, outs, _ = unet_on_off(lambda u, on: u.set_fused_geglu(on))
 n = sum(isinstance(m, GEGLU) for m in unet.modules())
-assert calls["n"] == n > 0, (calls, n)
+assert calls.get("n", 0) == n > 0, (calls, n)
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 print("ok", calls)
 '''

@@ -67,26 +67,15 @@ assert torch.equal(s, 2 * xc) and y.grad_fn is not None and "NativeLayerNorm" in
 # the UNet's transformer blocks: every LayerNorm goes through the kernels, same output and input gradient
 import sys
 sys.path.insert(0, "tests")
-from conftest import UNET_CONFIGS
-from models.unet import BasicTransformerBlock, UNet2DConditionModel, UNetConfig
-calls = {"plain": 0, "add": 0}
-orig = fl._AddLayerNorm.apply
-def counted(a, *rest):
-    calls["add" if a is not None else "plain"] += 1
-    return orig(a, *rest)
-fl._AddLayerNorm.apply = counted
-unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).requires_grad_(False)
-for m in unet.modules():
-    if isinstance(m, torch.nn.LayerNorm):
-        torch.nn.init.normal_(m.weight, 1.0, 0.3)
-        torch.nn.init.normal_(m.bias, 0.0, 0.3)
-x = torch.randn(2, 4, 8, 8).requires_grad_()
-t, ctx = torch.tensor([10, 500]), torch.randn(2, 77, UNET_CONFIGS["sd15"]["cross_attention_dim"])
-outs = []
-for fused in (False, True):
-    unet.set_fused_layer_norms(fused)
-    y = unet(x, t, ctx)
-    outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+from models.unet import BasicTransformerBlock
+from triton_helpers import count_calls, unet_on_off
+calls = count_calls(fl._AddLayerNorm, "apply", lambda a, *rest: "add" if a is not None else "plain")
+def init_norms(unet):
+    for m in unet.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.3)
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+unet, outs, (x, t, ctx) = unet_on_off(lambda u, on: u.set_fused_layer_norms(on), init=init_norms)
 n = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
 assert calls == {"plain": n, "add": 2 * n} and n > 0, (calls, n)
 err = ((outs[0][0] - outs[1][0]).abs().max(), (outs[0][1] - outs[1][1]).abs().max())

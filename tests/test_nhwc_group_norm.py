@@ -57,28 +57,13 @@ assert ng.usable(gn, xc) and not ng.usable(gn, xc.contiguous())
 # the UNet's GroupNorms go through the kernels with nhwc=True (the resnets' with SiLU fused), same numbers
 import sys
 sys.path.insert(0, "tests")
-from conftest import UNET_CONFIGS
 from models.blocks import ResnetBlock2D
-from models.unet import UNet2DConditionModel, UNetConfig
-calls = {"n": 0, "silu": 0}
-orig = ng.group_norm_nhwc
-def counted(*a, **k):
-    calls["n"] += 1
-    calls["silu"] += bool(a[5] if len(a) > 5 else k.get("silu"))
-    return orig(*a, **k)
-ng.group_norm_nhwc = counted
-unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).to(memory_format=torch.channels_last)
-unet.requires_grad_(False)
-x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
-t, ctx = torch.tensor([10, 500]), torch.randn(2, 77, UNET_CONFIGS["sd15"]["cross_attention_dim"])
-outs = []
-for nhwc in (False, True):
-    unet.set_norms_in_weight_dtype(True, nhwc=nhwc)
-    y = unet(x, t, ctx)
-    outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+from triton_helpers import count_calls, unet_on_off
+calls = count_calls(ng, "group_norm_nhwc", lambda *a, **k: "silu" if (a[5] if len(a) > 5 else k.get("silu")) else "plain")
+unet, outs, _ = unet_on_off(lambda u, on: u.set_norms_in_weight_dtype(True, nhwc=on), channels_last=True)
 n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
 n_res = sum(isinstance(m, ResnetBlock2D) for m in unet.modules())
-assert calls["n"] == n_gn and calls["silu"] == 2 * n_res, (calls, n_gn, n_res)  # every input is channels_last
+assert sum(calls.values()) == n_gn and calls.get("silu", 0) == 2 * n_res, (calls, n_gn, n_res)  # every input is channels_last
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 print("ok", calls, n_gn)
 '''

@@ -27,26 +27,12 @@ for (b, c, h, w) in [(2, 40, 3, 5), (1, 3, 4, 4), (2, 320, 2, 3)]:   # channels 
 # the UNet's upsamplers go through it with set_nhwc_upsampling, same output and input gradient
 import sys
 sys.path.insert(0, "tests")
-from conftest import UNET_CONFIGS
 from models.blocks import Upsample2D
-from models.unet import UNet2DConditionModel, UNetConfig
-calls = {"n": 0}
-orig = nu._Upsample2x.apply
-def counted(x):
-    calls["n"] += 1
-    return orig(x)
-nu._Upsample2x.apply = counted
-unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).to(memory_format=torch.channels_last)
-unet.requires_grad_(False)
-x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
-t, ctx = torch.tensor([10, 500]), torch.randn(2, 77, UNET_CONFIGS["sd15"]["cross_attention_dim"])
-outs = []
-for on in (False, True):
-    unet.set_nhwc_upsampling(on)
-    y = unet(x, t, ctx)
-    outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+from triton_helpers import count_calls, unet_on_off
+calls = count_calls(nu._Upsample2x, "apply")
+unet, outs, _ = unet_on_off(lambda u, on: u.set_nhwc_upsampling(on), channels_last=True)
 n = sum(isinstance(m, Upsample2D) for m in unet.modules())
-assert calls["n"] == n > 0, (calls, n)
+assert calls.get("n", 0) == n > 0, (calls, n)
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 print("ok", calls)
 '''

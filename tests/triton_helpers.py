@@ -31,3 +31,39 @@ def compile_for_h100(fn, signature: dict, constexprs: dict) -> None:
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     assert ".entry" in compiled.asm["ptx"] and compiled.asm.get("cubin"), fn.__name__
+
+
+def count_calls(owner, name: str, key=None) -> dict:
+    """Replace owner.<name> by a wrapper that counts its calls (by key(*args, **kwargs), default "n") and
+    calls the original: -> the counter dict. For the interpreter scripts' "the UNet routes X through it"."""
+    calls, orig = {}, getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        k = key(*args, **kwargs) if key else "n"
+        calls[k] = calls.get(k, 0) + 1
+        return orig(*args, **kwargs)
+    setattr(owner, name, counted)
+    return calls
+
+
+def unet_on_off(toggle, channels_last: bool = False, init=None):
+    """The tiny SD1.5 UNet (frozen, random) with toggle(unet, False) then toggle(unet, True): its output and
+    input gradient each time. -> (unet, [(y, dx) off, (y, dx) on], (x, t, context))."""
+    import torch
+
+    from conftest import UNET_CONFIGS
+    from models.unet import UNet2DConditionModel, UNetConfig
+    cfg = UNET_CONFIGS["sd15"]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    unet = UNet2DConditionModel(UNetConfig.from_dict(cfg)).requires_grad_(False)
+    if init is not None:
+        init(unet)
+    unet = unet.to(memory_format=layout)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=layout).requires_grad_()
+    t, ctx = torch.tensor([10, 500]), torch.randn(2, 77, cfg["cross_attention_dim"])
+    outs = []
+    for on in (False, True):
+        toggle(unet, on)
+        y = unet(x, t, ctx)
+        outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+    return unet, outs, (x, t, ctx)

@@ -24,11 +24,10 @@ def main():
         tr = trainer(name, "unet", mode, w, Path(tmp))
         seen = {}
 
-        def hook(mod, args, out, name=None):
-            ins = [a.dtype for a in args if torch.is_tensor(a)]
+        def hook(name, args, out):
             if torch.is_tensor(out) and out.dtype == torch.float32 and name not in seen:
-                seen[name] = (ins, tuple(out.shape))
-        hs = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in tr.sd.unet.named_modules()]
+                seen[name] = ([a.dtype for a in args if torch.is_tensor(a)], tuple(out.shape))
+        hs = [m.register_forward_hook(lambda mod, a, o, n=n: hook(n, a, o)) for n, m in tr.sd.unet.named_modules()]
         tr.launch_step()
         tr.drain()
         for h in hs:
