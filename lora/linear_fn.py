@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lora import dropout_down, mask_replay
+from models.autocast_off import autocast_off
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,7 +52,7 @@ class _LoRALinear(torch.autograd.Function):
         ctx.scale, ctx.p, ctx.shape = scale, p, shape
         ctx.dtypes = (x.dtype, down.dtype, up.dtype)
         ctx.seeded = mask is not None and mask.dtype == torch.int64         # a seed: lora/dropout_down.py
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue
             if ctx.seeded:                                                  # dropout inside the down projection
                 x2 = x2.contiguous()

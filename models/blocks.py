@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import bias_folding, sdpa_backend
+from models.autocast_off import autocast_off
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Upsample2D(nn.Module):
                 return self.conv(nhwc_upsample.upsample2x(x))
         # nearest copies values, so fp16/bf16 need no fp32 round trip (torch >= 2.1 has the kernels); outside
         # autocast, which would otherwise run it in fp32 on CUDA (the batch-8 profile: fp32 kernels and copies)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
                 F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)

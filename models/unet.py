@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import bias_folding
+from models.autocast_off import autocast_off
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
@@ -272,7 +273,7 @@ def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
                           shift: torch.Tensor | None = None) -> torch.Tensor:
     """The norm in its weights' dtype; `silu` and `shift` (GroupNorms with `nhwc` only, see
     blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None]))."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         x = x.to(self.weight.dtype)
         if self.__dict__.get("nhwc"):
             from models import nhwc_group_norm  # Triton: imported only where asked for
