@@ -11,10 +11,12 @@ kernel (96 of them per batch-8 SD1.5 step with attention LoRA: the q/k/v/out pro
 tokens); here the LoRA term is the C of one addmm, which cuBLAS adds in its epilogue. With dropout on
 CUDA in half precision (inputs of 4M elements or more) the mask is a seed instead and the dropout runs
 inside Triton kernels for the down projection and its gradients (lora/dropout_down.py: the dropped
-input is never stored; dx is g W with the masked LoRA term added in place); elsewhere the mask is drawn
-by torch's own dropout kernel (the same masks as nn.Dropout under the same seed). Inside a checkpointed
-block the seed or mask comes from lora/mask_replay.py. Used by LoRALayer for Linear bases with one
-active adapter and no rank or module dropout, while gradients are recorded
+input is never stored; dx is g W with the masked LoRA term added in place; for 320-wide layers the
+projection with its LoRA term, and the input gradient with gh, are each one Triton GEMM,
+lora/lora_mm.py); elsewhere the mask is drawn by torch's own dropout kernel (the same masks as
+nn.Dropout under the same seed). Inside a checkpointed block the seed or mask comes from
+lora/mask_replay.py. Used by LoRALayer for Linear bases with one active adapter and no rank or
+module dropout, while gradients are recorded
 (lora.inject.set_fused_lora_backward; train.fused_lora_backward).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora import dropout_down, mask_replay
+from lora import dropout_down, lora_mm, mask_replay
 from models.autocast_off import autocast_off
 
 
@@ -53,13 +55,17 @@ class _LoRALinear(torch.autograd.Function):
         ctx.dtypes = (x.dtype, down.dtype, up.dtype)
         ctx.seeded = mask is not None and mask.dtype == torch.int64         # a seed: lora/dropout_down.py
         with autocast_off(x):
-            y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue
             if ctx.seeded:                                                  # dropout inside the down projection
                 x2 = x2.contiguous()
                 h = dropout_down.down(x2, a, mask, p, scale)                # (M, r)
-                y.addmm_(h, b_up.t())
+                ctx.one_gemm = lora_mm.usable(w, a.shape[0])
+                if ctx.one_gemm:                                            # x W^T + b + h B^T in one kernel
+                    y = lora_mm.forward(x2, w, None if bias is None else bias.to(dt), h, b_up)
+                else:
+                    y = F.linear(x2, w, None if bias is None else bias.to(dt)).addmm_(h, b_up.t())
                 ctx.save_for_backward(x2, h, w, a, b_up, mask)
                 return y.view(*shape[:-1], y.shape[-1])
+            y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue
             if p > 0 and mask is None and x2.is_cuda:
                 xd, mask = torch.native_dropout(x2, p, True)                # nn.Dropout's CUDA kernel: same masks
             elif p > 0 and mask is None:                                    # nn.Dropout on a CPU: scaled noise
@@ -80,16 +86,21 @@ class _LoRALinear(torch.autograd.Function):
         xd, h, w, a, b_up, mask = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)                         # (M, N)
-        gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
         d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
         if ctx.seeded:                                                      # xd is x; `mask` the seed
-            d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
             dx = None
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and ctx.one_gemm:                    # g W + masked (gh A), gh, one kernel
+                dx, gh = lora_mm.input_grad(g2, w, b_up, a, mask, ctx.p, ctx.scale)
+                dx = dx.view(ctx.shape).to(x_dtype)
+            else:
+                gh = _scaled_mm(g2, b_up, ctx.scale)                        # (M, r)
+            if ctx.needs_input_grad[0] and not ctx.one_gemm:
                 dx = g2 @ w                                                 # (M, K)
                 dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)        # += keep/(1-p) * (gh A)
                 dx = dx.view(ctx.shape).to(x_dtype)
+            d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
             return dx, None, None, d_down, d_up, None, None, None
+        gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
         d_down = (gh.t() @ xd).to(a_dtype) if ctx.needs_input_grad[3] else None       # (r, K)
         dx = None
         if ctx.needs_input_grad[0]:

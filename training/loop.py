@@ -117,8 +117,9 @@ class Trainer:
             self.sd.unet.set_bias_folding(True)
         if ours and self.channels_last and on("nhwc_upsample"):
             self.sd.unet.set_nhwc_upsampling(True)
-        from lora import dropout_down  # (here: it imports Triton where installed)
+        from lora import dropout_down, lora_mm  # (here: they import Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
+        lora_mm.enabled = ours and on("triton_lora_gemm")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
             if self.train_te:
@@ -126,6 +127,7 @@ class Trainer:
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
+            torch.backends.cudnn.benchmark_limit = int(tc.get("cudnn_benchmark_limit", 10))
         if tc.get("compile"):  # in place: module names (and LoRA file keys) stay as they are
             self.sd.unet.compile(dynamic=False)
 
