@@ -89,15 +89,14 @@ class _LoRALinear(torch.autograd.Function):
         d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
         if ctx.seeded:                                                      # xd is x; `mask` the seed
             dx = None
-            if ctx.needs_input_grad[0] and ctx.one_gemm:                    # g W + masked (gh A), gh, one kernel
+            if ctx.needs_input_grad[0] and ctx.one_gemm:                    # g W + masked (gh A), and gh: one kernel
                 dx, gh = lora_mm.input_grad(g2, w, b_up, a, mask, ctx.p, ctx.scale)
-                dx = dx.view(ctx.shape).to(x_dtype)
             else:
                 gh = _scaled_mm(g2, b_up, ctx.scale)                        # (M, r)
-            if ctx.needs_input_grad[0] and not ctx.one_gemm:
-                dx = g2 @ w                                                 # (M, K)
-                dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)        # += keep/(1-p) * (gh A)
-                dx = dx.view(ctx.shape).to(x_dtype)
+                if ctx.needs_input_grad[0]:
+                    dx = g2 @ w                                             # (M, K)
+                    dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)    # += keep/(1-p) * (gh A)
+            dx = None if dx is None else dx.view(ctx.shape).to(x_dtype)
             d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
             return dx, None, None, d_down, d_up, None, None, None
         gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
