@@ -28,8 +28,10 @@ def test_enqueued_steps_log_the_same_as_waited_steps(tiny_diffusers_folder, tiny
     tr2 = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "b"))
     for _ in range(4):
         tr2.launch_step()
-    recs = tr2.drain()   # one read for four steps
-    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    recs = tr2.drain(keep_newest=True)   # as Trainer.run reads between checkpoints: the newest step stays enqueued
+    assert [r["step"] for r in recs] == [1, 2, 3] and len(tr2._pending) == 1
+    recs += tr2.drain()                   # then everything
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and tr2.drain() == []
     assert [r["loss"] for r in recs] == losses
     assert all(torch.equal(a, b) for a, b in zip(params, tr2.params))
     assert losses[0] != losses[-1] and tr2.nan_streak == 0
@@ -165,6 +167,23 @@ def test_cuda_graph_with_checkpointing_and_lora_dropout_equals_eager(tiny_diffus
     assert bool(calls) == (precision == "bf16")
     assert le == pytest.approx(lg, rel=1e-5), (le, lg)
     assert _close(pe, pg, 1e-5)
+
+
+@cuda
+def test_cuda_enqueued_steps_read_behind_the_newest(tiny_diffusers_folder, tiny_data, tmp_path, monkeypatch):
+    """On CUDA each step's statistics are copied to pinned memory behind it: drain(keep_newest=True) reads all but
+    the newest step (the GPU keeps computing it) with the numbers that waited steps give."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # (as above: the same convolution arithmetic)
+    common = ["device=cuda", "train.precision=fp32", "train.cuda_graph=true", "lora.dropout=0",
+              "train.cudnn_benchmark=false"]
+    _, losses, _ = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "a", *common)
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "b", *common))
+    for _ in range(4):
+        tr.launch_step()
+    recs = tr.drain(keep_newest=True)
+    assert [r["step"] for r in recs] == [1, 2, 3] and len(tr._pending) == 1
+    recs += tr.drain()
+    assert [r["loss"] for r in recs] == pytest.approx(losses, rel=1e-5)
 
 
 @cuda

@@ -428,23 +428,35 @@ class Trainer:
         static = {k: v for k, v in host.items() if not torch.is_tensor(v)}
         inputs = {**self.stager({k: v for k, v in host.items() if torch.is_tensor(v)}), **static}
         stats = self.graphed(inputs) if self.graphed is not None else self.device_step(inputs)
-        self._pending.append((self.step, lr, stats))
+        done = None
+        if stats.is_cuda:   # copied out behind the step, so that reading it waits for this step and no later one
+            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host_stats.copy_(stats, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self._pending.append((self.step, lr, host_stats if done is not None else stats, done))
         self.step += 1
         return stats
 
-    def drain(self) -> list[dict]:
-        """Read the statistics of the enqueued steps (one wait for the device), apply the NaN rules, log."""
-        if not self._pending:
+    def drain(self, keep_newest: bool = False) -> list[dict]:
+        """Read the statistics of the enqueued steps (one wait for the device), apply the NaN rules, log.
+        keep_newest: leave the newest step unread, so the wait ends when the one before it is done and the GPU
+        goes on computing while the host logs and prepares the next step (a full drain every log_every steps
+        left it idle for that long: 2.3 ms per step at batch 8 on an H100, experiments/bench/RESULTS.md)."""
+        n = len(self._pending) - (1 if keep_newest else 0)
+        if n <= 0:
             return []
-        vals = torch.stack([s for _, _, s in self._pending]).cpu().tolist()
+        ready, self._pending = self._pending[:n], self._pending[n:]
+        if ready[-1][3] is not None:
+            ready[-1][3].synchronize()            # (stream order: every earlier step's copy is done too)
+        vals = [s.tolist() for _, _, s, _ in ready]
         now = time.perf_counter()
         dt = (now - self._last_drain) / len(vals) if self._last_drain is not None else float("nan")
         self._last_drain = now
         records = []
-        for (step, lr, _), (loss, gnorm, skipped, scale) in zip(self._pending, vals):
+        for (step, lr, _, _), (loss, gnorm, skipped, scale) in zip(ready, vals):
             records.append({"step": step + 1, "loss": loss, "grad_norm": gnorm, "skipped": bool(skipped), "lr": lr,
                             "loss_scale": scale, "dt": dt})
-        self._pending = []
         for rec in records:
             self._log(rec)
             if rec["skipped"]:
@@ -651,8 +663,9 @@ class Trainer:
                 show = bool(cfg.preview.every_steps and self.step % cfg.preview.every_steps == 0)
                 halt = "interrupted" if self.stop_requested else \
                     "stopped" if tc.get("stop_after_steps") and self.step >= tc.stop_after_steps else None  # (tests)
-                if len(self._pending) >= log_every or save or show or halt or self.step >= self.total_steps:
-                    for rec in self.drain():
+                last = save or show or halt or self.step >= self.total_steps   # these need every step read
+                if len(self._pending) >= log_every or last:
+                    for rec in self.drain(keep_newest=not last):
                         bar.update(1)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", skipped=rec["skipped"])
                 if save:

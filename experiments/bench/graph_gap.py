@@ -29,7 +29,7 @@ def main():
         for i in range(steps):
             tr.launch_step()
             if (i + 1) % 10 == 0:
-                tr.drain()
+                tr.drain(keep_newest=True)   # as Trainer.run reads them
         tr.drain()
         torch.cuda.synchronize()
         full = (time.perf_counter() - t) / steps

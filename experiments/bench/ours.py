@@ -7,6 +7,7 @@ every step); MODE: see MODES.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -98,8 +99,8 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
         recs = []
         for i in range(w["steps"]):
             tr.launch_step()
-            if (i + 1) % 10 == 0:
-                recs += tr.drain()
+            if (i + 1) % 10 == 0:   # as Trainer.run reads them (BENCH_FULL_DRAIN=1: as it did before session 8)
+                recs += tr.drain(keep_newest=not os.environ.get("BENCH_FULL_DRAIN"))
         recs += tr.drain()
         sync(dev)
         dt = (time.perf_counter() - t0) / w["steps"]
