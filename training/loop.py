@@ -428,21 +428,21 @@ class Trainer:
         static = {k: v for k, v in host.items() if not torch.is_tensor(v)}
         inputs = {**self.stager({k: v for k, v in host.items() if torch.is_tensor(v)}), **static}
         stats = self.graphed(inputs) if self.graphed is not None else self.device_step(inputs)
-        done = None
+        out, done = stats, None
         if stats.is_cuda:   # copied out behind the step, so that reading it waits for this step and no later one
-            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-            host_stats.copy_(stats, non_blocking=True)
+            out = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True).copy_(stats, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        self._pending.append((self.step, lr, host_stats if done is not None else stats, done))
+        self._pending.append((self.step, lr, out, done))
         self.step += 1
         return stats
 
     def drain(self, keep_newest: bool = False) -> list[dict]:
         """Read the statistics of the enqueued steps (one wait for the device), apply the NaN rules, log.
         keep_newest: leave the newest step unread, so the wait ends when the one before it is done and the GPU
-        goes on computing while the host logs and prepares the next step (a full drain every log_every steps
-        left it idle for that long: 2.3 ms per step at batch 8 on an H100, experiments/bench/RESULTS.md)."""
+        goes on computing while the host logs and prepares the next step (a full read every log_every steps
+        left it idle for that long; H100, batch 8 0.0500 -> 0.0494-0.0504 s/step, batch 2 0.0207 -> 0.0203,
+        experiments/bench/RESULTS.md, session 8)."""
         n = len(self._pending) - (1 if keep_newest else 0)
         if n <= 0:
             return []

@@ -1,8 +1,9 @@
 """One switch on and off within one process: the default training step recorded as a CUDA graph, then recorded
 again with a module-level setting changed (default: to False, e.g. lora.lora_mm.enabled; or to a given
-value, e.g. lora.dropout_down.min_elements=0), the two graphs replayed in alternating rounds. Separate benchmark processes differ by up to 3-7% at batch 8 (cuDNN picks its convolution
-algorithms per process, experiments/bench/RESULTS.md); here both graphs run the same convolution kernels, so
-a switch worth 1% shows.
+value, e.g. lora.dropout_down.min_elements=0), the two graphs replayed in alternating rounds. Separate
+benchmark processes differ by up to 3-7% in s/step at batch 8, while the graphed step itself replays within
+0.5% from process to process (experiments/bench/RESULTS.md, session 8): replays in one process show a switch
+worth 0.5%.
 
     python -m experiments.bench.graph_ab [CONFIG] [MODULE.ATTR[=VALUE]] [ROUNDS]   (b8_bf16 lora.lora_mm.enabled 5)
 """
