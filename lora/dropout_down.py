@@ -114,7 +114,8 @@ enabled = True   # train.triton_lora_dropout (training/loop.py): false keeps tor
 min_elements = 4 * 2 ** 20
 
 
-def _br(r: int) -> int:
+def rank_block(r: int) -> int:
+    """The block size along the LoRA rank (also lora/lora_mm.py)."""
     return max(16, triton.next_power_of_2(r))   # tl.dot needs 16 or more along each dimension
 
 
@@ -144,7 +145,7 @@ def down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: 
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     _down_kernel[(triton.cdiv(m, _BM),)](x, a.contiguous(), h, seed, m, k, r, p, scale / (1.0 - p),
-                                         BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=_br(r))
+                                         BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r))
     return h
 
 
@@ -159,7 +160,7 @@ def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float) -
     splits = triton.cdiv(m, rows)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
     _grad_down_kernel[(n_k, splits)](x, gh.contiguous(), seed, part, m, k, r, p, 1.0 / (1.0 - p), rows,
-                                     BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=_br(r))
+                                     BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r))
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -169,4 +170,4 @@ def add_grad_input_(dx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: t
     r = a.shape[0]
     _add_grad_x_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](dx, gh.contiguous(), a.contiguous(), seed, m, k,
                                                                     r, p, 1.0 / (1.0 - p), BLOCK_M=_BM,
-                                                                    BLOCK_K=_BK, BLOCK_R=_br(r))
+                                                                    BLOCK_K=_BK, BLOCK_R=rank_block(r))

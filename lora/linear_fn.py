@@ -58,11 +58,12 @@ class _LoRALinear(torch.autograd.Function):
             if ctx.seeded:                                                  # dropout inside the down projection
                 x2 = x2.contiguous()
                 h = dropout_down.down(x2, a, mask, p, scale)                # (M, r)
-                ctx.one_gemm = lora_mm.usable(w, a.shape[0])
+                ctx.one_gemm = lora_mm.usable(w)
+                b_dt = None if bias is None else bias.to(dt)
                 if ctx.one_gemm:                                            # x W^T + b + h B^T in one kernel
-                    y = lora_mm.forward(x2, w, None if bias is None else bias.to(dt), h, b_up)
+                    y = lora_mm.forward(x2, w, b_dt, h, b_up)
                 else:
-                    y = F.linear(x2, w, None if bias is None else bias.to(dt)).addmm_(h, b_up.t())
+                    y = F.linear(x2, w, b_dt).addmm_(h, b_up.t())
                 ctx.save_for_backward(x2, h, w, a, b_up, mask)
                 return y.view(*shape[:-1], y.shape[-1])
             y = F.linear(x2, w, None if bias is None else bias.to(dt))      # (M, N), bias in the epilogue

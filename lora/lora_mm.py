@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from lora.dropout_down import rank_block
 from models.nhwc_group_norm import available
 
 if available():
@@ -97,13 +98,10 @@ enabled = True        # train.triton_lora_gemm (training/loop.py)
 max_weight = 2 ** 17  # N * K at most: the memory-bound projections (320 x 320), where the saved passes pay
 
 
-def usable(w: torch.Tensor, rank: int) -> bool:
-    """For the dropout path's inputs (dropout_down.usable said yes): a weight of at most `max_weight` elements."""
-    return enabled and w.numel() <= max_weight and rank <= 128
-
-
-def _br(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))   # tl.dot needs 16 or more along each dimension
+def usable(w: torch.Tensor) -> bool:
+    """For the dropout path's inputs (dropout_down.usable said yes: Triton, CUDA half precision, rank <= 128): a
+    weight of at most `max_weight` elements."""
+    return enabled and w.numel() <= max_weight
 
 
 def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, h: torch.Tensor, up: torch.Tensor,
@@ -116,7 +114,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, h: torch.T
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
     _fwd_kernel[grid](x, w, b if b is not None else x, h, up, y, m, n, k, r, HAS_BIAS=b is not None,
-                      BLOCK_R=_br(r), **c)
+                      BLOCK_R=rank_block(r), **c)
     return y
 
 
@@ -131,5 +129,5 @@ def input_grad(g: torch.Tensor, w: torch.Tensor, up: torch.Tensor, a: torch.Tens
     dx = torch.empty(m, k, dtype=g.dtype, device=g.device)
     gh = torch.empty(m, r, dtype=g.dtype, device=g.device)
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(k, c["BLOCK_K"]),)
-    _dgrad_kernel[grid](g, w, up, a, seed, dx, gh, m, n, k, r, p, scale, 1.0 / (1.0 - p), BLOCK_R=_br(r), **c)
+    _dgrad_kernel[grid](g, w, up, a, seed, dx, gh, m, n, k, r, p, scale, 1.0 / (1.0 - p), BLOCK_R=rank_block(r), **c)
     return dx, gh

@@ -14,6 +14,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from experiments.bench.graph_ab import replay_ms
 from lora import dropout_down as dd
 from lora import lora_mm
 from lora.linear_fn import _scaled_mm
@@ -37,14 +38,7 @@ def graph_us(fn, reps: int = 20) -> float:
         for _ in range(reps):
             fn()
     g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(5):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / (5 * reps)
+    return replay_ms(g, 5) * 1e3 / reps
 
 
 def cycled(make, n: int = 4):
