@@ -68,14 +68,16 @@ def test_our_kohya_file_loads_in_diffusers(tiny_diffusers_folder, tmp_path, prob
 
 def test_diffusers_peft_file_loads_in_ours(tiny_diffusers_folder, tmp_path, probe):
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     ids, x = probe
     pipe = _pipe(tiny_diffusers_folder)
     torch.manual_seed(0)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"],
-                                             init_lora_weights=False))
+    # peft directly, not transformers' add_adapter: that one refuses peft releases older than the
+    # transformers release wants (5.24 asks for peft >= 0.22, which the index did not have on 2026-11-24).
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"],
+                                       init_lora_weights=False), pipe.text_encoder)
     StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                               text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
     f = tmp_path / "pytorch_lora_weights.safetensors"
