@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> list[dict]:
     lora_info = []
     for lora in cfg.loras:
         path = Path(to_absolute_path(lora.path))
-        loaded = load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, path,
+        loaded = load_lora(sd.parts, path,
                            multiplier=float(lora.get("weight", 1.0)))
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})

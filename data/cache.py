@@ -6,7 +6,7 @@ VAE's identity (a hash of its config and weights), the bucket size, the crop and
 change gives a new key, so a stale latent is never used. Each training step samples
 mean + std * noise afresh, as the uncached step would. Random crops cannot be cached (refused).
 
-Text: the encoder output for each distinct caption string, computed on first use, valid while the
+Text: the encoder outputs (SDXL: both encoders' hidden states and the pooled embedding) for each distinct caption string, computed on first use, valid while the
 text encoder is frozen (no text-encoder LoRA).
 """
 from __future__ import annotations
@@ -98,16 +98,21 @@ def attach_latent_cache(ds, cache: LatentCache) -> None:
 
 
 class TextCache:
-    """caption -> encoder output (77*k, D) on the CPU, computed on first use.
+    """caption -> encoder outputs ({"ctx": (77*k, D)[, "pooled": (P,)]}) on the CPU, computed on first use.
 
     A caption met during training is encoded alone: a batched encode differs in the last bits with
     the batch's make-up, which would make a resumed run (whose batches fill the cache in another
     order) drift from an uninterrupted one. `fill` encodes the captions known up front in batches,
     in a fixed order at start-up, which is the same for a resumed run.
+    encode: captions -> {name: (B, ...) tensor}.
     """
 
     def __init__(self, encode):
         self.encode, self.memory = encode, {}
+
+    def _store(self, captions: list[str], out: dict[str, torch.Tensor]) -> None:
+        for i, c in enumerate(captions):
+            self.memory[c] = {k: v[i].clone() for k, v in out.items()}
 
     def fill(self, captions, batch_size: int = 32) -> int:
         """Encode the captions known before training, in batches (run at start-up, always in the same order, so
@@ -115,12 +120,11 @@ class TextCache:
         todo = [c for c in dict.fromkeys(captions) if c not in self.memory]
         for k in range(0, len(todo), batch_size):
             chunk = todo[k:k + batch_size]
-            for c, e in zip(chunk, self.encode(chunk)):
-                self.memory[c] = e.clone()
+            self._store(chunk, self.encode(chunk))
         return len(todo)
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         for c in dict.fromkeys(captions):
             if c not in self.memory:
-                self.memory[c] = self.encode([c])[0]
-        return torch.stack([self.memory[c] for c in captions])
+                self._store([c], self.encode([c]))
+        return {k: torch.stack([self.memory[c][k] for c in captions]) for k in self.memory[captions[0]]}

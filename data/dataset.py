@@ -14,18 +14,18 @@ from torch.utils.data import Dataset
 from data.buckets import BucketBatches, make_buckets, nearest_bucket
 from data.captions import process_caption
 from data.folder import Item
-from data.images import load_rgb, resize_crop, to_tensor
+from data.images import crop_box, image_size, load_rgb, resize_crop, to_tensor
 
 
 class ImageCaptionDataset(Dataset):
     def __init__(self, items: list[Item], resolution: int = 512, bucketing: bool = False, crop: str = "center",
                  flip_p: float = 0.0, trigger: str | None = None, shuffle_tags: bool = False, keep_tokens: int = 1,
                  caption_dropout: float = 0.0, seed: int = 0, bucket_step: int = 64, fixed_caption: str | None = None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, size_conditioning: bool = False):
         self.items, self.resolution, self.crop, self.flip_p = items, resolution, crop, flip_p
         self.trigger, self.shuffle_tags, self.keep_tokens = trigger, shuffle_tags, keep_tokens
         self.caption_dropout, self.seed, self.fixed_caption = caption_dropout, seed, fixed_caption
-        self.max_pixels = max_pixels
+        self.max_pixels, self.size_conditioning = max_pixels, size_conditioning
         self.epoch = 0
         if bucketing:
             if any(it.size is None for it in items):
@@ -65,6 +65,21 @@ class ImageCaptionDataset(Dataset):
         img, _ = resize_crop(img, w, h, self.crop, rng)
         return to_tensor(img, flip)
 
+    def time_ids(self, index: int, flip: bool) -> torch.Tensor:
+        """SDXL's size conditioning for this sample (Podell et al. 2023, arXiv:2307.01952, sec. 2.2):
+        (original h, original w, crop top, crop left, target h, target w) -> (6,) float32. The crop is the one
+        pixels() takes (the same draws); flipped, its left edge is measured from the other side, as
+        diffusers' SDXL script does."""
+        from models.conditioning import time_ids
+        w, h = self.bucket_of[index]
+        size = self.items[index].size or image_size(self.items[index].path)
+        rng = self.rngs(index)[0]
+        rng.random()  # the flip draw comes first (flip_for)
+        (nw, _), (top, left) = crop_box(size, w, h, self.crop, rng)
+        if flip:
+            left = nw - left - w
+        return time_ids((size[1], size[0]), (top, left), (h, w))
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """key: an index (in the epoch set by set_epoch), or (epoch, index), as a loader that spans
         epochs asks for it: in a worker process set_epoch from the main process is not seen."""
@@ -78,6 +93,8 @@ class ImageCaptionDataset(Dataset):
             out["latent_mean"], out["latent_std"] = self.latent_cache.get(self, index, flip)
         else:
             out["pixels"] = self.pixels(index, flip)
+        if self.size_conditioning:
+            out["time_ids"] = self.time_ids(index, flip)
         return out
 
     def batch_plan(self, batch_size: int, drop_last: bool = False) -> BucketBatches:
@@ -86,7 +103,7 @@ class ImageCaptionDataset(Dataset):
 
 def collate(samples: list[dict]) -> dict:
     out = {"index": torch.tensor([s["index"] for s in samples]), "caption": [s["caption"] for s in samples]}
-    for key in ("pixels", "latent_mean", "latent_std"):
+    for key in ("pixels", "latent_mean", "latent_std", "time_ids"):
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])
     return out

@@ -13,10 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from data.captions import CaptionError, caption_path, read_caption
-from data.images import IMAGE_EXTENSIONS, BadImageError, load_rgb
+from data.images import IMAGE_EXTENSIONS, BadImageError, image_size, load_rgb
 
 
 @dataclass
@@ -56,13 +54,7 @@ def _check(path: Path, verify: str) -> tuple[int, int] | None:
         return None
     if verify == "full":
         return load_rgb(path).size
-    if path.stat().st_size == 0:
-        raise BadImageError(f"{path}: empty file (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:
-        raise BadImageError(f"{path}: not an image ({type(e).__name__}: {e})") from e
+    return image_size(path)
 
 
 def scan_folder(root: str | Path, caption_version: str | None = None, caption_ext: str = ".txt",

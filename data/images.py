@@ -45,6 +45,25 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return to_rgb(img)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as load_rgb will return it, from the header: EXIF orientations 5-8 (a phone held
+    upright) swap the stored width and height."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadImageError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            raw = im.info.get("exif")  # what the header carried (im.getexif() would decode a PNG whole)
+            exif = Image.Exif()
+            if raw:
+                exif.load(raw)
+            turned = exif.get(0x0112, 1) in (5, 6, 7, 8)  # 0x0112: Orientation
+    except Exception as e:
+        raise BadImageError(f"{path}: not an image ({type(e).__name__}: {e})") from e
+    return (h, w) if turned else (w, h)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -61,6 +80,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, 1, F...
 
 
+def crop_box(size: tuple[int, int], width: int, height: int, crop: str = "center",
+             rng: np.random.Generator | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """An image of `size` (w, h) scaled to cover (width, height), keeping its aspect ratio, then cropped:
+    -> ((scaled w, scaled h), (top, left) of the crop in the scaled image)."""
+    w, h = size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    if crop == "center":
+        top, left = (nh - height) // 2, (nw - width) // 2
+    elif crop == "random":
+        rng = rng or np.random.default_rng()
+        top, left = int(rng.integers(0, nh - height + 1)), int(rng.integers(0, nw - width + 1))
+    else:
+        raise ValueError(f"unknown crop {crop!r}: use center or random")
+    return (nw, nh), (top, left)
+
+
 def resize_crop(img: Image.Image, width: int, height: int, crop: str = "center",
                 rng: np.random.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Scale to cover (width, height) keeping the aspect ratio, then crop. Returns (image, (top, left))."""
@@ -69,15 +105,8 @@ def resize_crop(img: Image.Image, width: int, height: int, crop: str = "center",
     if scale > 1:
         warnings.warn(f"image {getattr(img, 'filename', '') or ''} ({w}x{h}) upscaled x{scale:.2f} to "
                       f"cover {width}x{height}: it will look soft", stacklevel=2)
-    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    (nw, nh), (top, left) = crop_box((w, h), width, height, crop, rng)
     img = img.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
-    if crop == "center":
-        top, left = (nh - height) // 2, (nw - width) // 2
-    elif crop == "random":
-        rng = rng or np.random.default_rng()
-        top, left = int(rng.integers(0, nh - height + 1)), int(rng.integers(0, nw - width + 1))
-    else:
-        raise ValueError(f"unknown crop {crop!r}: use center or random")
     return img.crop((left, top, left + width, top + height)), (top, left)
 
 

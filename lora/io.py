@@ -7,6 +7,9 @@ kohya / AUTOMATIC1111 / ComfyUI (kohya-ss networks/lora.py):
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.*  (text encoder, published names)
   plus `ss_*` metadata. SD1.x UNet paths are diffusers names; files with LDM names
   (`lora_unet_input_blocks_1_1_proj_in`) are read too.
+  SDXL (kohya's sdxl_train_network, what A1111, ComfyUI and CivitAI files use): LDM names for the UNet
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), `lora_te1_` and `lora_te2_` for the two
+  text encoders.
 peft (diffusers >= 0.22 `save_lora_weights`): unet.<path>.lora_A.weight / lora_B.weight, no alpha.
 legacy diffusers (the old example scripts): unet.<path>.lora.down.weight / lora.up.weight,
   text_encoder.<path>.lora_linear_layer.down.weight / up.weight, no alpha.
@@ -81,6 +84,11 @@ def _ldm_module_names(unet: nn.Module) -> dict[str, str]:
     return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in mapped.items()}
 
 
+def is_sdxl(parts: dict[str, nn.Module]) -> bool:
+    unet = parts.get("unet")
+    return "text_encoder_2" in parts or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
 def _lookup(parts: dict[str, nn.Module], fmt: str) -> dict[str, tuple[str, str]]:
     """File module key -> (part, our module name)."""
     table = {}
@@ -108,6 +116,8 @@ def save_lora(parts: dict[str, nn.Module], path: str | Path, adapter: str = "def
         raise ValueError(f"unknown LoRA format {fmt!r}: use one of {FORMATS}")
     out: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
+    sdxl = is_sdxl(parts)
+    ldm_unet = _ldm_module_names(parts["unet"]) if sdxl and fmt == "kohya" and "unet" in parts else {}
     for part, model in parts.items():
         for name, layer in lora_layers(model):
             if adapter not in layer.lora:
@@ -117,7 +127,9 @@ def save_lora(parts: dict[str, nn.Module], path: str | Path, adapter: str = "def
             down, up = a.down.weight.detach(), a.up.weight.detach()
             ranks.add(a.rank), alphas.add(a.alpha)
             if fmt == "kohya":
-                key = f"{KOHYA_PREFIX[part]}_{pub.replace('.', '_')}"
+                prefix = "lora_te1" if sdxl and part == "text_encoder" else KOHYA_PREFIX[part]
+                module_path = ldm_unet.get(name, pub) if part == "unet" else pub
+                key = f"{prefix}_{module_path.replace('.', '_')}"
                 out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
                 out[f"{key}.alpha"] = torch.tensor(a.alpha)
             else:
@@ -134,7 +146,8 @@ def save_lora(parts: dict[str, nn.Module], path: str | Path, adapter: str = "def
     meta = {"loralab_format": fmt, "loralab_adapter": adapter}
     if fmt == "kohya":
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
-                     "ss_network_alpha": str(max(alphas)), "ss_base_model_version": "sd_v1",
+                     "ss_network_alpha": str(max(alphas)),
+                     "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
                      "ss_v2": "False"})
     meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
     write_safetensors(out, path, meta)

@@ -99,14 +99,19 @@ class GraphedUNet:
         return self.unet.config
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, added_cond: dict | None = None):
-        if added_cond is not None or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return self.unet(x, t, ctx, added_cond)
+        added = dict(sorted((added_cond or {}).items()))  # SDXL: text_embeds (B, P), time_ids (B, 6)
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
         key = (tuple(x.shape), x.dtype, tuple(ctx.shape), ctx.dtype, t.dtype,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in added.items()),
                torch.is_autocast_enabled("cuda"), self.unet.training, lora_signature(self.unet))
         if key not in self.graphs:
-            static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone()}
-            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"]), stream=self.stream)
+            static = {"x": x.clone(), "t": t.to(x.device).clone(), "ctx": ctx.clone(),
+                      **{"added." + k: v.to(x.device).clone() for k, v in added.items()}}
+            static_added = {k: static["added." + k] for k in added} or None
+            graph, out = capture(lambda: self.unet(static["x"], static["t"], static["ctx"], static_added),
+                                 stream=self.stream)
             self.graphs[key] = (graph, static, out)
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -122,6 +127,8 @@ class GraphedUNet:
         else:
             static["t"].copy_(t)
         static["ctx"].copy_(ctx)
+        for k, v in added.items():
+            static["added." + k].copy_(v)
         graph.replay()
         return out.clone()
 

@@ -1,4 +1,4 @@
-"""Load and save Stable Diffusion 1.x/2.x: diffusers folders, single-file LDM checkpoints, separate VAEs.
+"""Load and save Stable Diffusion 1.x/2.x and SDXL: diffusers folders, single-file LDM checkpoints, separate VAEs.
 
     sd = load_model("path/to/stable-diffusion-v1-5")                 # diffusers folder
     sd = load_model("Realistic_Vision_V5.1.safetensors",             # single file ...
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import ldm_keys, text
+from models import ldm_keys, openclip_keys, sdxl_layout, text
 from models.checkpoint import CheckpointError, load_strict, no_init, read_state_dict, write_safetensors
 from models.unet import UNet2DConditionModel, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
@@ -50,10 +50,25 @@ class StableDiffusion:
     tokenizer: object
     scheduler_config: dict = field(default_factory=lambda: dict(SD15_SCHEDULER))
     source: str = ""
+    text_encoder_2: nn.Module | None = None  # SDXL: OpenCLIP bigG with its projection
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL base: an empty negative prompt is all zeros
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders by their part name (LoRA files and diffusers folders use the same names)."""
+        return {"text_encoder": self.text_encoder,
+                **({"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {})}
+
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        """What a LoRA file can adapt: {"unet", "text_encoder"[, "text_encoder_2"]}."""
+        return {"unet": self.unet, **self.text_encoders}
 
     def to(self, device=None, dtype=None) -> "StableDiffusion":
-        for m in (self.unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+        for m in (self.unet, self.vae, *self.text_encoders.values()):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
         return self
 
 
@@ -175,13 +190,22 @@ def load_diffusers_folder(folder: Path, variant: str | None = None, skip_vae: bo
         raise FileNotFoundError(f"{folder} is not a diffusers SD folder: missing {', '.join(missing)}/ "
                                 f"(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     sched = folder / "scheduler" / "scheduler_config.json"
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    unet = load_unet_folder(folder / "unet", variant)
+    sdxl = unet.config.addition_embed_type == "text_time"
+    if sdxl and not ((folder / "text_encoder_2").is_dir() and (folder / "tokenizer_2").is_dir()):
+        raise FileNotFoundError(f"{folder} has an SDXL UNet but no text_encoder_2/ and tokenizer_2/: "
+                                f"an SDXL folder has both (refiner-only folders are not supported)")
     return StableDiffusion(
-        unet=load_unet_folder(folder / "unet", variant),
+        unet=unet,
         vae=None if skip_vae else load_vae_folder(folder / "vae", variant),
         text_encoder=load_text_encoder_folder(folder / "text_encoder", variant),
         tokenizer=text.load_tokenizer(folder / "tokenizer"),
         scheduler_config=json.loads(sched.read_text()) if sched.is_file() else dict(SD15_SCHEDULER),
-        source=str(folder))
+        source=str(folder),
+        text_encoder_2=load_text_encoder_folder(folder / "text_encoder_2", variant) if sdxl else None,
+        tokenizer_2=text.load_tokenizer(folder / "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)))
 
 
 # ---------------------------------------------------------------- single files
@@ -216,20 +240,47 @@ def _take(sd: dict, key_map: dict[str, str], consumed: set, source: str, squeeze
 
 def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool = False,
                      skip_vae: bool = False) -> StableDiffusion:
-    """A single-file LDM checkpoint (A1111/CivitAI style) -> StableDiffusion."""
+    """A single-file LDM checkpoint (A1111/CivitAI style, SD1.x or SDXL) -> StableDiffusion."""
     sd = read_state_dict(path)
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; SDXL single files are not supported yet: "
-                              f"use its diffusers folder")
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         raise CheckpointError(f"{path} is an SD2.x checkpoint (OpenCLIP text encoder); SD2 single files are "
                               f"not supported: use its diffusers folder")
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{path} has no {ldm_keys.UNET_PREFIX}* keys: not a Stable Diffusion checkpoint "
                               f"(a LoRA or a VAE file given as the base model?)")
-    ucfg, vcfg, tcfg, sched = _component_configs(config)
+    if any(k.startswith(sdxl_layout.TEXT1_PREFIX) for k in sd):
+        ucfg, vcfg, tcfgs, sched = sdxl_layout.component_configs(config, _read_config)
+    else:
+        ucfg, vcfg, tcfg, sched = _component_configs(config)
+        tcfgs = {"text_encoder": tcfg}
     consumed: set[str] = set()
+    unet = _unet_from_ldm(sd, ucfg, path, use_ema, consumed)
+    vae = None
+    if skip_vae:
+        consumed.update(k for k in sd if k.startswith(ldm_keys.VAE_PREFIX))
+    else:
+        vae = _vae_from_ldm(sd, vcfg, path, consumed)
+    tes = {}
+    for part, tcfg in tcfgs.items():
+        with no_init():
+            te = text.build_text_encoder(tcfg)
+        tsd = _text_from_ldm(sd, part, len(tcfgs) > 1, consumed, path)
+        load_strict(te, text.from_published(tsd, te), f"{path} ({part})")
+        tes[part] = te.eval()
 
+    leftover = [k for k in sd if k not in consumed and k not in _LDM_BUFFERS
+                and not (k.startswith(ldm_keys.EMA_PREFIX) and not use_ema)]
+    if leftover:
+        raise CheckpointError(f"{path}: {len(leftover)} unexpected keys that no part of the model takes: "
+                              f"{', '.join(sorted(leftover)[:12])}")
+    sdxl = "text_encoder_2" in tes
+    return StableDiffusion(unet.eval(), vae.eval() if vae else None, tes["text_encoder"], text.load_tokenizer(),
+                           sched, str(path), text_encoder_2=tes.get("text_encoder_2"),
+                           tokenizer_2=text.load_tokenizer(pad_token=text.SDXL_PAD_TOKEN_2) if sdxl else None,
+                           force_zeros_for_empty_prompt=sdxl)
+
+
+def _unet_from_ldm(sd: dict, ucfg: UNetConfig, path: Path, use_ema: bool, consumed: set) -> UNet2DConditionModel:
     with no_init():  # every weight is read next, strictly
         unet = UNet2DConditionModel(ucfg)
     umap = ldm_keys.map_keys(unet.state_dict(), ldm_keys.unet_prefix_map(ucfg), ldm_keys.UNET_PREFIX)
@@ -241,37 +292,37 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
         consumed.update(k for k in sd if k.startswith(ldm_keys.UNET_PREFIX))
     else:
         load_strict(unet, _take(sd, umap, consumed, f"{path} (UNet)"), f"{path} (UNet)")
+    return unet
 
-    vae = None
-    has_vae = any(k.startswith(ldm_keys.VAE_PREFIX) for k in sd)
-    if skip_vae:
-        consumed.update(k for k in sd if k.startswith(ldm_keys.VAE_PREFIX))
-    elif not has_vae:
+
+def _vae_from_ldm(sd: dict, vcfg: VAEConfig, path: Path, consumed: set) -> AutoencoderKL:
+    if not any(k.startswith(ldm_keys.VAE_PREFIX) for k in sd):
         raise CheckpointError(f"{path} has no VAE weights ({ldm_keys.VAE_PREFIX}*): pass a separate vae=<path>")
-    else:
-        with no_init():
-            vae = AutoencoderKL(vcfg)
-        vmap = ldm_keys.map_keys(vae.state_dict(), ldm_keys.vae_prefix_map(vcfg), ldm_keys.VAE_PREFIX)
-        load_strict(vae, _take(sd, vmap, consumed, f"{path} (VAE)", ldm_keys.is_vae_attention_conv),
-                    f"{path} (VAE)")
-
     with no_init():
-        te = text.build_text_encoder(tcfg)
+        vae = AutoencoderKL(vcfg)
+    vmap = ldm_keys.map_keys(vae.state_dict(), ldm_keys.vae_prefix_map(vcfg), ldm_keys.VAE_PREFIX)
+    load_strict(vae, _take(sd, vmap, consumed, f"{path} (VAE)", ldm_keys.is_vae_attention_conv), f"{path} (VAE)")
+    return vae
+
+
+def _text_from_ldm(sd: dict, part: str, sdxl: bool, consumed: set, path: Path) -> dict:
+    """One text encoder's weights out of a single file, in published (`text_model.*`) names."""
+    if sdxl and part == "text_encoder_2":  # OpenCLIP names
+        prefix = sdxl_layout.TEXT2_PREFIX
+        own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        consumed.update(prefix + k for k in own)
+        try:
+            return openclip_keys.to_hf(own, f"{path} (text_encoder_2)")
+        except KeyError as e:
+            raise CheckpointError(str(e)) from None
+    prefix = sdxl_layout.TEXT1_PREFIX if sdxl else ldm_keys.TEXT_PREFIX
     tsd = {}
     for k, v in sd.items():
-        if k.startswith(ldm_keys.TEXT_PREFIX):
-            rest = k[len(ldm_keys.TEXT_PREFIX):]
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
             tsd[rest if rest.startswith("text_model.") else "text_model." + rest] = v  # old files lack the level
             consumed.add(k)
-    load_strict(te, text.from_published(tsd, te), f"{path} (text encoder)")
-
-    leftover = [k for k in sd if k not in consumed and k not in _LDM_BUFFERS
-                and not (k.startswith(ldm_keys.EMA_PREFIX) and not use_ema)]
-    if leftover:
-        raise CheckpointError(f"{path}: {len(leftover)} unexpected keys that no part of SD1.x takes: "
-                              f"{', '.join(sorted(leftover)[:12])}")
-    return StableDiffusion(unet.eval(), vae.eval() if vae else None, te.eval(), text.load_tokenizer(),
-                           sched, str(path))
+    return tsd
 
 
 def load_vae(path: Path, config: str | Path | None = None) -> AutoencoderKL:
@@ -304,9 +355,9 @@ def save_diffusers_folder(sd: StableDiffusion, folder: str | Path, dtype=None) -
     folder = Path(folder)
     cast = (lambda t: t.to(as_dtype(dtype))) if dtype else (lambda t: t)
     parts = {"unet": (sd.unet, sd.unet.config.to_dict(), "diffusion_pytorch_model.safetensors", None),
-             "vae": (sd.vae, sd.vae.config.to_dict(), "diffusion_pytorch_model.safetensors", None),
-             "text_encoder": (sd.text_encoder, sd.text_encoder.config.to_dict(), "model.safetensors",
-                              lambda s: text.to_published(s, sd.text_encoder))}
+             "vae": (sd.vae, sd.vae.config.to_dict(), "diffusion_pytorch_model.safetensors", None)}
+    for name, te in sd.text_encoders.items():
+        parts[name] = (te, te.config.to_dict(), "model.safetensors", lambda s, te=te: text.to_published(s, te))
     for name, (module, cfg, fname, rename) in parts.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
@@ -315,13 +366,19 @@ def save_diffusers_folder(sd: StableDiffusion, folder: str | Path, dtype=None) -
     text.save_tokenizer(sd.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd.scheduler_config, indent=2))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", sd.scheduler_config.get("_class_name", "PNDMScheduler")],
-        "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False}, indent=2))
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", sd.scheduler_config.get("_class_name", "PNDMScheduler")]}
+    if sd.text_encoder_2 is not None:
+        text.save_tokenizer(sd.tokenizer_2, folder / "tokenizer_2")
+        index.update({"_class_name": "StableDiffusionXLPipeline",
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "force_zeros_for_empty_prompt": sd.force_zeros_for_empty_prompt})
+    else:
+        index.update({"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+                      "feature_extractor": [None, None], "requires_safety_checker": False})
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
@@ -335,8 +392,14 @@ def to_ldm_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
     for ours, ldm in ldm_keys.map_keys(vsd, ldm_keys.vae_prefix_map(sd.vae.config), ldm_keys.VAE_PREFIX).items():
         t = vsd[ours]
         out[ldm] = t[:, :, None, None] if ldm_keys.is_vae_attention_conv(ldm) and t.ndim == 2 else t
-    for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
-        out[ldm_keys.TEXT_PREFIX + k] = v
+    if sd.text_encoder_2 is None:
+        for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
+            out[ldm_keys.TEXT_PREFIX + k] = v
+    else:  # SDXL: CLIP-L in transformers' names, OpenCLIP bigG in its own
+        for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
+            out[sdxl_layout.TEXT1_PREFIX + k] = v
+        for k, v in openclip_keys.from_hf(text.to_published(sd.text_encoder_2.state_dict(), sd.text_encoder_2)).items():
+            out[sdxl_layout.TEXT2_PREFIX + k] = v
     return out
 
 

@@ -11,19 +11,19 @@ from typing import Callable
 
 import torch
 
+from models import conditioning
 from models.cuda_graph import GraphedUNet, graphed_unet, on_stream
 from models.load import StableDiffusion
 from models.samplers import get_sampler, guided
 from models.schedule import NoiseSchedule
-from models.text import encode_text, tokenize
 
 
 @torch.no_grad()
 def encode_prompts(sd: StableDiffusion, prompts: list[str], clip_skip: int = 1,
-                   long_prompt: str = "truncate") -> torch.Tensor:
-    """Prompts -> text embeddings (B, 77*k, D) in the UNet's dtype."""
-    ids = tokenize(sd.tokenizer, prompts, long_prompt)
-    return encode_text(sd.text_encoder, ids, clip_skip).to(sd.unet.dtype)
+                   long_prompt: str = "truncate") -> dict[str, torch.Tensor]:
+    """Prompts -> {"ctx": (B, 77*k, D)[, "pooled": (B, P) for SDXL]} in the UNet's dtype."""
+    out = conditioning.encode(sd, prompts, clip_skip, long_prompt)
+    return {k: v.to(sd.unet.dtype) for k, v in out.items()}
 
 
 def _pad_to(a: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,11 +70,22 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     # with a graph, all of the call runs on the graph's stream: one cuBLAS workspace, as eager sampling keeps
     with on_stream(unet.stream if isinstance(unet, GraphedUNet) else None):
         cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
-        uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
-        n_tok = max(cond.shape[1], uncond.shape[1])
-        cond = _pad_to(cond, n_tok).repeat(num_images, 1, 1)
-        uncond = _pad_to(uncond, n_tok).repeat(num_images, 1, 1)
-        model = guided(unet, cond, uncond, guidance_scale, guidance_rescale)
+        if not negative_prompt and sd.force_zeros_for_empty_prompt:  # SDXL base: no negative prompt = zeros
+            uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+        else:
+            uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
+        n_tok = max(cond["ctx"].shape[1], uncond["ctx"].shape[1])
+        for c in (cond, uncond):
+            c["ctx"] = _pad_to(c["ctx"], n_tok)
+            for k, v in c.items():
+                c[k] = v.repeat(num_images, *[1] * (v.ndim - 1))
+        added = added_un = None
+        if "pooled" in cond:  # SDXL: the image's size, uncropped, for both halves (diffusers' defaults)
+            ids = conditioning.time_ids((height, width), (0, 0), (height, width)).to(device, sd.unet.dtype)
+            ids = ids.expand(num_images, -1)
+            added = conditioning.added_cond(cond, ids)
+            added_un = conditioning.added_cond(uncond, ids)
+        model = guided(unet, cond["ctx"], uncond["ctx"], guidance_scale, guidance_rescale, added, added_un)
 
         g = torch.Generator("cpu").manual_seed(int(seed))
         shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
@@ -85,5 +96,18 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
         opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
         latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
-        images = sd.vae.decode_latents(latents.to(sd.vae.dtype), slice_size=decode_slice)
+        images = decode(sd, latents, decode_slice)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def decode(sd: StableDiffusion, latents: torch.Tensor, slice_size: int | None = None) -> torch.Tensor:
+    """Latents -> images in [-1, 1]. A VAE whose config says force_upcast (SDXL's: its fp16 activations
+    overflow) decodes in fp32, as diffusers does."""
+    vae = sd.vae
+    if vae.dtype == torch.float16 and vae.config.extra.get("force_upcast", False):
+        vae.float()
+        try:
+            return vae.decode_latents(latents.float(), slice_size=slice_size)
+        finally:
+            vae.half()
+    return vae.decode_latents(latents.to(vae.dtype), slice_size=slice_size)

@@ -225,17 +225,20 @@ def get_sampler(name: str):
 
 
 def guided(unet, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, rescale: float = 0.0,
-           added_cond: dict | None = None) -> Model:
+           added_cond: dict | None = None, added_uncond: dict | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, eq. 6) as a model(x, t).
 
     out = uncond + scale * (cond - uncond), one batched UNet call; `uncond` is the negative prompt's
     embedding. `rescale` > 0 mixes in the std-matched output (Lin et al. 2024, eq. 15-16).
     scale <= 1 or no uncond: the conditional output alone (diffusers does the same).
+    added_cond / added_uncond: SDXL's pooled text and time ids for the prompt and the negative prompt.
     """
     if scale < 0:
         raise ValueError(f"guidance scale must be >= 0, got {scale}")
     use_cfg = uncond is not None and scale > 1.0
     ctx = torch.cat([uncond, cond]) if use_cfg else cond
+    if added_cond is not None and use_cfg:
+        added_cond = {k: torch.cat([added_uncond[k], v]) for k, v in added_cond.items()}
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x

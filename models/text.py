@@ -1,4 +1,8 @@
-"""The CLIP text encoder and tokenizer of SD1.x, through transformers (`CLIPTextModel`, `CLIPTokenizer`).
+"""The CLIP text encoders and tokenizer of SD1.x and SDXL, through transformers.
+
+SD1.x: CLIP ViT-L/14's text tower (`CLIPTextModel`). SDXL adds OpenCLIP ViT-bigG/14's text tower with
+its projection (`CLIPTextModelWithProjection`, `text_encoder_2`); both read the same BPE vocabulary,
+the second pads with "!" instead of "<|endoftext|>" (SDXL's tokenizer_2/tokenizer_config.json).
 
 Two things the community expects, documented here:
 - clip_skip (AUTOMATIC1111's convention): 1 = the last layer's output (SD's default); 2 = the
@@ -17,7 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
 MAX_LEN = 77
@@ -28,11 +32,18 @@ SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=307
                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                         layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0, eos_token_id=2,
                         pad_token_id=1)
+# SDXL's text_encoder_2/config.json (OpenCLIP ViT-bigG/14): its text_projection gives the pooled embedding.
+SDXL_TEXT2_CONFIG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                         num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                         layer_norm_eps=1e-5, projection_dim=1280, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1, architectures=["CLIPTextModelWithProjection"])
+SDXL_PAD_TOKEN_2 = "!"
 # Buffers some published files carry that are not parameters (position ids are arange(77)).
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 
 
-def load_tokenizer(folder: str | Path = BUNDLED_TOKENIZER) -> CLIPTokenizer:
+def load_tokenizer(folder: str | Path = BUNDLED_TOKENIZER, pad_token: str | None = None) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer; pad_token overrides the folder's (SDXL's second tokenizer pads with "!")."""
     folder = Path(folder)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     has_pair = vocab.is_file() and merges.is_file()
@@ -45,6 +56,8 @@ def load_tokenizer(folder: str | Path = BUNDLED_TOKENIZER) -> CLIPTokenizer:
         raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json); "
                                 f"the SD1.x ones are bundled in {BUNDLED_TOKENIZER}")
     tok.model_max_length = MAX_LEN
+    if pad_token is not None:
+        tok.pad_token = pad_token
     if len(tok) != VOCAB_SIZE:
         raise ValueError(f"tokenizer in {folder} has {len(tok)} entries, expected {VOCAB_SIZE} (CLIP BPE)")
     return tok
@@ -68,10 +81,17 @@ def save_tokenizer(tok: CLIPTokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def build_text_encoder(config: dict) -> CLIPTextModel:
-    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+def has_projection(config: dict) -> bool:
+    """SDXL's text_encoder_2 (CLIPTextModelWithProjection), by the architecture its config.json names."""
+    return "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+
+
+def build_text_encoder(config: dict) -> CLIPTextModel | CLIPTextModelWithProjection:
+    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"})
     cfg._attn_implementation = "sdpa"
-    return CLIPTextModel(cfg).eval()
+    cls = CLIPTextModelWithProjection if has_projection(config) else CLIPTextModel
+    cfg.architectures = [cls.__name__]  # written back by save_pretrained-style config dumps
+    return cls(cfg).eval()
 
 
 def _flattened(model: CLIPTextModel) -> bool:

@@ -23,6 +23,8 @@ UNET_CONFIGS = {
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     # SDXL options: deeper transformers per block, pooled-text + size conditioning (text_time).
+    # cross_attention_dim = the two text encoders' widths together (12 + 20, as 768 + 1280 = 2048);
+    # the added embedding takes the pooled text (32) and six 8-wide time-id embeddings.
     "sdxl": dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=TEXT_DIM,
                  attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -36,6 +38,12 @@ VAE_CONFIG = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channe
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=3,
                    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                    projection_dim=TEXT_DIM)
+
+SDXL_TEXT_CONFIGS = (  # CLIP-L's and OpenCLIP bigG's shapes, small: their widths (12 + 20) add up to TEXT_DIM and
+    # differ, as 768 and 1280 do (diffusers' single-file reader tells the two encoders apart by width)
+    dict(TEXT_CONFIG, hidden_size=12, num_attention_heads=2, projection_dim=12),
+    dict(TEXT_CONFIG, hidden_size=20, num_attention_heads=2, projection_dim=TEXT_DIM, hidden_act="gelu",
+         num_hidden_layers=4))
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
@@ -77,5 +85,31 @@ def tiny_diffusers_folder(tmp_path_factory):
     pipe = StableDiffusionPipeline(unet=diffusers_unet("sd15"), vae=diffusers_vae(), text_encoder=hf_text_encoder(),
                                    tokenizer=load_tokenizer(), scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def hf_sdxl_text_encoders(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    one = randomize(CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIGS[0])), seed, scale=0.05).eval()
+    two = randomize(CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_CONFIGS[1])), seed + 1, scale=0.05)
+    return one, two.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """A tiny SDXL pipeline written by diffusers' own save_pretrained (force_zeros_for_empty_prompt, as SDXL base)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from models.text import SDXL_PAD_TOKEN_2, load_tokenizer
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "model"
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    te1, te2 = hf_sdxl_text_encoders()
+    vae = diffusers_vae()
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    pipe = StableDiffusionXLPipeline(unet=diffusers_unet("sdxl"), vae=vae, text_encoder=te1, text_encoder_2=te2,
+                                     tokenizer=load_tokenizer(), tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN_2),
+                                     scheduler=sched, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder))
     return folder

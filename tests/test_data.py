@@ -214,10 +214,12 @@ def test_text_cache_encodes_each_caption_once():
 
     def enc(caps):
         seen.extend(caps)
-        return torch.stack([torch.full((2, 3), float(len(c))) for c in caps])
+        return {"ctx": torch.stack([torch.full((2, 3), float(len(c))) for c in caps]),
+                "pooled": torch.tensor([[float(len(c))] for c in caps])}  # (SDXL's second output)
     tc = TextCache(enc)
     out = tc(["ab", "abc", "ab"])
-    assert out.shape == (3, 2, 3) and out[1, 0, 0] == 3
+    assert out["ctx"].shape == (3, 2, 3) and out["ctx"][1, 0, 0] == 3
+    assert out["pooled"][:, 0].tolist() == [2.0, 3.0, 2.0]
     tc(["abc", "abcd"])
     assert seen == ["ab", "abc", "abcd"]  # each caption encoded once
 

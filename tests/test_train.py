@@ -137,7 +137,7 @@ def _fixed_loss(tr, n=8):
             z0 = b["latent_mean"] * tr.sd.vae.config.scaling_factor
             noise = torch.randn(z0.shape, generator=g)
             t = torch.randint(100, 900, (z0.shape[0],), generator=g)
-            ctx = tr.text_cache(b["caption"])
+            ctx = tr.text_cache(b["caption"])["ctx"]
             pred = tr.sd.unet(tr.schedule.add_noise(z0, noise, t), t, ctx)
             total += torch.nn.functional.mse_loss(pred, noise, reduction="sum").item()
     return total

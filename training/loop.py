@@ -33,7 +33,7 @@ from lora.io import save_lora
 from models import sdpa_backend
 from models.load import load_model, pick_device
 from models.schedule import NoiseSchedule, offset_noise
-from models.text import encode_text, tokenize
+from models import conditioning
 from training.graph_step import GraphedStep
 from training.optim import EMA, build_optimizer, lr_factor, optimizer_state, set_capturable
 from training.precision import LossScaler, autocast, precision_dtype
@@ -77,7 +77,7 @@ class Trainer:
         m = cfg.model
         self.sd = load_model(m.path, dtype=base_dtype, device=self.device, vae=m.get("vae"),
                              config=m.get("config"))
-        for mod in (self.sd.unet, self.sd.vae, self.sd.text_encoder):
+        for mod in (self.sd.unet, self.sd.vae, *self.sd.text_encoders.values()):
             mod.requires_grad_(False).eval()
         d = cfg.data
         if d.get("class_dir") and d.get("num_class_images"):  # before any LoRA: the base's own prior
@@ -90,10 +90,10 @@ class Trainer:
         self.report = inject_lora(self.sd.unet, plain(L.targets), rank=L.rank, alpha=L.alpha,
                                   overrides=plain(L.overrides) if L.get("overrides") else None, **lkw)
         self.train_te = bool(L.get("text_encoder"))
-        if self.train_te:
+        if self.train_te:  # SDXL: both text encoders, as kohya's sdxl_train_network does
             T = L.text_encoder
-            self.te_report = inject_lora(self.sd.text_encoder, plain(T.targets), rank=T.rank,
-                                         alpha=T.alpha, **lkw)
+            self.te_report = [inject_lora(te, plain(T.targets), rank=T.rank, alpha=T.alpha, **lkw)
+                              for te in self.sd.text_encoders.values()]
         cuda = self.device.type == "cuda"
 
         def on(switch):  # auto: on where experiments/bench/RESULTS.md measured a win (CUDA)
@@ -122,8 +122,8 @@ class Trainer:
         lora_mm.enabled = ours and on("triton_lora_gemm")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
-            if self.train_te:
-                set_fused_lora_backward(self.sd.text_encoder)
+            for te in self.sd.text_encoders.values() if self.train_te else ():
+                set_fused_lora_backward(te)
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))
         if cuda:
             torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
@@ -141,13 +141,13 @@ class Trainer:
         self._build_data()
         groups = [{"params": list(lora_parameters(self.sd.unet)), "lr": cfg.optim.lr}]
         if self.train_te:
-            groups.append({"params": list(lora_parameters(self.sd.text_encoder)),
+            groups.append({"params": [p for te in self.sd.text_encoders.values() for p in lora_parameters(te)],
                            "lr": L.text_encoder.get("lr") or cfg.optim.lr})
         self.params = [p for g in groups for p in g["params"]]
         # LoRA weights cast to the autocast dtype once per micro-batch (lora/half_weights.py), not per use
         self.half_lora = None
         if on("cast_lora_once") and base_dtype != torch.float32:
-            trained = [self.sd.unet] + ([self.sd.text_encoder] if self.train_te else [])
+            trained = [self.sd.unet] + (list(self.sd.text_encoders.values()) if self.train_te else [])
             self.half_lora = ([a for m in trained for _, layer in lora_layers(m) for a in layer.lora.values()],
                               base_dtype)
         self.base_lrs = [g["lr"] for g in groups]
@@ -210,7 +210,8 @@ class Trainer:
                                               d.get("missing_caption", "error"), d.get("trigger"),
                                               d.get("verify", "header"), d.get("skip_bad", False))
         kw = dict(resolution=d.resolution, bucketing=d.get("bucketing", False), bucket_step=d.get("bucket_step", 64),
-                  crop=d.get("crop", "center"), flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed)
+                  crop=d.get("crop", "center"), flip_p=d.get("flip_p", 0.0), seed=self.cfg.seed,
+                  size_conditioning=conditioning.is_sdxl(self.sd))
         self.ds = ImageCaptionDataset(items, trigger=d.get("trigger"), shuffle_tags=d.get("shuffle_tags", False),
                                       keep_tokens=d.get("keep_tokens", 1),
                                       caption_dropout=d.get("caption_dropout", 0.0), **kw)
@@ -226,7 +227,7 @@ class Trainer:
         self.text_cache = None
         self.parked = False  # set below, once the caches are full
         if tc.cache_text and not self.train_te:
-            self.text_cache = TextCache(lambda caps: self._encode_text(caps).cpu())
+            self.text_cache = TextCache(lambda caps: {k: v.cpu() for k, v in self._encode_text(caps).items()})
             if not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0):  # captions fixed up front
                 known = [self.ds.caption_for(i) for i in range(len(self.ds))]
                 if self.prior is not None:
@@ -247,10 +248,11 @@ class Trainer:
         self.steps_per_epoch = max(1, self.batches_per_epoch // tc.grad_accum)
         self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = tokenize(self.sd.tokenizer, captions, self.cfg.train.get("long_prompt", "truncate"))
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """-> {"ctx"[, "pooled" (SDXL)]} (models/conditioning.py)."""
+        tc = self.cfg.train
         with self._frozen_on_device():
-            return encode_text(self.sd.text_encoder, ids, self.cfg.train.get("clip_skip", 1))
+            return conditioning.encode(self.sd, captions, tc.get("clip_skip", 1), tc.get("long_prompt", "truncate"))
 
     @contextlib.contextmanager
     def _frozen_on_device(self):
@@ -259,7 +261,8 @@ class Trainer:
         if not self.parked:
             yield
             return
-        self.sd.vae.to(self.device), self.sd.text_encoder.to(self.device)
+        for m in (self.sd.vae, *self.sd.text_encoders.values()):
+            m.to(self.device)
         try:
             yield
         finally:
@@ -267,7 +270,8 @@ class Trainer:
 
     def _park(self):
         """The VAE and the text encoder to host memory (their GPU memory back to the allocator's pool)."""
-        self.sd.vae.to("cpu"), self.sd.text_encoder.to("cpu")
+        for m in (self.sd.vae, *self.sd.text_encoders.values()):
+            m.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -332,9 +336,12 @@ class Trainer:
         x["noise"] = offset_noise(torch.randn(shape, generator=self.gen), tc.noise_offset, self.gen)
         x["t"] = self.schedule.sample_timesteps(shape[0], self.gen)
         if self.text_cache is not None:
-            x["ctx"] = self.text_cache(batch["caption"])
+            x.update(self.text_cache(batch["caption"]))                    # ctx[, pooled]
         else:
-            x["ids"] = tokenize(self.sd.tokenizer, batch["caption"], tc.get("long_prompt", "truncate"))
+            ids = conditioning.tokenize_prompts(self.sd, batch["caption"], tc.get("long_prompt", "truncate"))
+            x.update({f"ids_{i}": t for i, t in enumerate(ids)})
+        if "time_ids" in batch:                                            # SDXL: (B, 6) size conditioning
+            x["time_ids"] = batch["time_ids"]
         if "n_instance" in batch:
             x["n_instance"] = batch["n_instance"]
         return x
@@ -354,17 +361,19 @@ class Trainer:
         zt = self.schedule.add_noise(z0, noise, t)
         target = self.schedule.target(z0, noise, t)
         if "ctx" in x:
-            ctx = x["ctx"]
+            text = {k: x[k] for k in ("ctx", "pooled") if k in x}
         else:
+            ids = [x[k] for k in sorted(x) if k.startswith("ids_")]
             with torch.set_grad_enabled(self.train_te), autocast(self.device, self.precision):
-                ctx = encode_text(self.sd.text_encoder, x["ids"], tc.get("clip_skip", 1))
+                text = conditioning.encode_ids(self.sd, ids, tc.get("clip_skip", 1))
         unet = self.sd.unet
+        added = conditioning.added_cond({k: v.to(unet.dtype) for k, v in text.items()}, x.get("time_ids"))
         mask_replay.clear()  # the previous micro-batch's backward is done with its kept masks
         with autocast(self.device, self.precision):
             zin = zt.to(unet.dtype)
             if self.channels_last:
                 zin = zin.contiguous(memory_format=torch.channels_last)
-            pred = unet(zin, t, ctx.to(unet.dtype))
+            pred = unet(zin, t, text["ctx"].to(unet.dtype), added)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if tc.get("min_snr_gamma"):
             per = per * self.schedule.min_snr_weights(t, tc.min_snr_gamma)
@@ -420,8 +429,9 @@ class Trainer:
         lr = self._set_lr()
         if not self.sd.unet.training:  # (a preview switched it to eval; train() walks every module)
             self.sd.unet.train()
-        if self.train_te and not self.sd.text_encoder.training:
-            self.sd.text_encoder.train()
+        for te in self.sd.text_encoders.values() if self.train_te else ():
+            if not te.training:
+                te.train()
         host = {}
         for i in range(self.cfg.train.grad_accum):
             host.update({f"{i}.{k}": v for k, v in self.host_inputs(self._next_batch()).items()})
@@ -478,7 +488,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for part, mod in (("unet", self.sd.unet), ("text_encoder", self.sd.text_encoder)):
+        for part, mod in self.sd.parts.items():
             for n, p in mod.named_parameters():
                 if p.requires_grad:
                     out[f"{part}.{n}"] = p.detach().cpu().clone()
@@ -492,8 +502,7 @@ class Trainer:
                 "config": OmegaConf.to_yaml(self.cfg)}
 
     def load(self, st: dict) -> None:
-        mods = {"unet": self.sd.unet, "text_encoder": self.sd.text_encoder}
-        named = {f"{part}.{n}": p for part, mod in mods.items() for n, p in mod.named_parameters() if p.requires_grad}
+        named = {f"{part}.{n}": p for part, mod in self.sd.parts.items() for n, p in mod.named_parameters() if p.requires_grad}
         if set(named) != set(st["lora"]) or any(p.shape != st["lora"][k].shape for k, p in named.items()):
             raise ValueError("the saved state's LoRA modules differ from this config's (targets, rank or text "
                              "encoder changed?): resume with the run's own config")
@@ -512,12 +521,11 @@ class Trainer:
         set_rng_state(st["rng"], self.gen)
 
     def save_lora(self, path: Path, ema: bool = False) -> Path:
-        parts = {"unet": self.sd.unet}
-        if self.train_te:
-            parts["text_encoder"] = self.sd.text_encoder
+        parts = self.sd.parts if self.train_te else {"unet": self.sd.unet}
         meta = {"ss_output_name": path.stem, "ss_steps": str(self.step), "ss_epoch": str(self.epoch),
                 "ss_learning_rate": str(self.cfg.optim.lr), "ss_sd_model_name": str(self.cfg.model.path),
-                "ss_sd_model_hash": self._base_hash(), "ss_base_model_version": "sd_v1",
+                "ss_sd_model_hash": self._base_hash(),
+                "ss_base_model_version": "sdxl_base_v1-0" if conditioning.is_sdxl(self.sd) else "sd_v1",
                 "ss_network_dropout": str(self.cfg.lora.dropout), "loralab_targets": json.dumps(
                     plain(self.cfg.lora.targets)), "loralab_commit": git_commit(),
                 "loralab_caption_version": str(self.cfg.data.get("caption_version")),
@@ -565,7 +573,8 @@ class Trainer:
         from experiments.images import make_grid, save_png, to_pil
         from models.pipeline import generate
         p = self.cfg.preview
-        self.sd.unet.eval(), self.sd.text_encoder.eval()
+        for m in self.sd.parts.values():
+            m.eval()
         tiles = []
         with self._frozen_on_device(), autocast(self.device, self.precision):
             for i, prompt in enumerate(p.prompts):
@@ -593,8 +602,9 @@ class Trainer:
         else:  # experiment 4: the LoRA trained here, applied to another base
             sd = load_model(m.path, dtype=self.sd.unet.dtype, device=self.device, vae=m.get("vae"),
                             config=m.get("config"))
-            load_lora({"unet": sd.unet, "text_encoder": sd.text_encoder}, lora_file)
-        sd.unet.eval(), sd.text_encoder.eval()
+            load_lora(sd.parts, lora_file)
+        for mod in sd.parts.values():
+            mod.eval()
         manifest, metrics = [], {}
         score = inf.get("subject_score", False)  # the tiny world's identity classifier (no downloads)
         if score:
@@ -615,11 +625,13 @@ class Trainer:
             if score:
                 metrics[f"cfg_{float(g)}"] = {"subject_score": subject_score(torch.cat(batches))}
                 if inf.get("compare_base"):  # the same prompts and seeds without the LoRA
-                    set_enabled(sd.unet, False), set_enabled(sd.text_encoder, False)
+                    for mod in sd.parts.values():
+                        set_enabled(mod, False)
                     with self._frozen_on_device() if same else contextlib.nullcontext():
                         base = run_prompts(g)
                     metrics[f"cfg_{float(g)}"]["base_subject_score"] = subject_score(torch.cat(base))
-                    set_enabled(sd.unet, True), set_enabled(sd.text_encoder, True)
+                    for mod in sd.parts.values():
+                        set_enabled(mod, True)
             for i, (prompt, imgs) in enumerate(zip(inf.prompts, batches)):
                 for j, img in enumerate(imgs):
                     name = f"{i:02d}_{j:02d}.png"
