@@ -7,6 +7,7 @@ seeded with `seed`, the same generator then feeds the sampler's per-step noise.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -91,23 +92,26 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
         x0 = None
         if init_image is not None:
-            x0 = sd.vae.encode_latents(init_image.to(device, sd.vae.dtype).expand(num_images, -1, -1, -1),
-                                       generator=g).float()
+            with upcast_vae(sd.vae) as vae:
+                x0 = vae.encode_latents(init_image.to(device, vae.dtype).expand(num_images, -1, -1, -1),
+                                        generator=g).float()
         noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
         opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
         latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
-        images = decode(sd, latents, decode_slice)
+        with upcast_vae(sd.vae) as vae:
+            images = vae.decode_latents(latents.to(vae.dtype), slice_size=decode_slice)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
-def decode(sd: StableDiffusion, latents: torch.Tensor, slice_size: int | None = None) -> torch.Tensor:
-    """Latents -> images in [-1, 1]. A VAE whose config says force_upcast (SDXL's: its fp16 activations
-    overflow) decodes in fp32, as diffusers does."""
-    vae = sd.vae
-    if vae.dtype == torch.float16 and vae.config.extra.get("force_upcast", False):
-        vae.float()
-        try:
-            return vae.decode_latents(latents.float(), slice_size=slice_size)
-        finally:
-            vae.half()
-    return vae.decode_latents(latents.to(vae.dtype), slice_size=slice_size)
+@contextlib.contextmanager
+def upcast_vae(vae):
+    """A VAE whose config says force_upcast (SDXL's: its fp16 activations overflow) runs in fp32 for the
+    duration when it is stored in fp16, as diffusers does."""
+    if vae.dtype != torch.float16 or not vae.config.extra.get("force_upcast", False):
+        yield vae
+        return
+    vae.float()
+    try:
+        yield vae
+    finally:
+        vae.half()

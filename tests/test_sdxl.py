@@ -347,3 +347,72 @@ def test_sdxl_single_file_errors_name_the_file(tiny_sdxl_folder, tiny_diffusers_
         load_model(f)
     with pytest.raises(FileNotFoundError, match="text_encoder_2"):  # an SD1.5 folder as the SDXL file's config
         load_model(f, config=tiny_diffusers_folder)
+
+
+def test_fp16_vae_that_asks_for_upcast_decodes_in_fp32(tiny_sdxl_folder, monkeypatch):
+    sd = load_model(tiny_sdxl_folder)
+    assert sd.vae.config.extra["force_upcast"] is True and sd.vae.config.scaling_factor == 0.13025
+    sd.vae.half()
+    seen = []
+    real = type(sd.vae).decode_latents
+    monkeypatch.setattr(type(sd.vae), "decode_latents",
+                        lambda self, z, **kw: (seen.append((self.dtype, z.dtype)), real(self, z, **kw))[1])
+    img = generate(sd, PROMPT, steps=2, height=32, width=32)
+    assert seen == [(torch.float32, torch.float32)] and sd.vae.dtype == torch.float16
+    assert torch.isfinite(img).all()
+
+
+def test_seed004_recipe_runs_on_a_tiny_sdxl(tiny_sdxl_folder, tiny_data, tmp_path):
+    """+experiment=sdxl_dreambooth (seed 004) with its paths and sizes pointed at tiny things: class images made by
+    the SDXL base, prior preservation, the run's LoRA in kohya's SDXL names."""
+    from hydra import compose, initialize_config_dir
+
+    from training.config import CONF_DIR
+    from training.loop import Trainer
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[
+            "+experiment=sdxl_dreambooth", f"model.path={tiny_sdxl_folder}", f"data.path={tiny_data}",
+            "data.resolution=16", f"data.class_dir={tmp_path / 'class'}", "data.num_class_images=2",
+            "train.max_steps=2", "train.precision=fp32", "preview.every_steps=0", f"run_dir={tmp_path / 'run'}",
+            "device=cpu"])
+    assert (cfg.lora.rank, cfg.optim.lr, cfg.train.grad_accum, cfg.data.resolution) == (4, 1e-4, 4, 16)
+    result = Trainer(cfg).run()
+    assert result["status"] == "finished" and len(list((tmp_path / "class").glob("gen_*.png"))) == 2
+    from safetensors import safe_open
+    with safe_open(result["lora"], "pt") as f:
+        assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in f.keys())
+
+
+def test_sample_py_with_an_sdxl_lora(tiny_sdxl_folder, tmp_path):
+    """sample.py on an SDXL base with a LoRA file that adapts all three parts: the PNG is what generate() gives."""
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from lora.io import load_lora, save_lora
+    from test_sample import _cfg
+    f = save_lora(_sdxl_with_lora(tiny_sdxl_folder).parts, tmp_path / "xl.safetensors")
+    cfg = _cfg([f"model.path={tiny_sdxl_folder}", f"out_dir={tmp_path / 'out'}", "steps=3", "height=32", "width=32",
+                f'prompts=["{PROMPT}"]', "guidance_scale=5.0", f"loras=[{{path: {f}, weight: 1.0}}]"])
+    sample.run(cfg)
+    ref = load_model(tiny_sdxl_folder)
+    load_lora(ref.parts, f)
+    img = generate(ref, PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0, seed=cfg.seed, height=32, width=32)
+    png = torch.tensor(np.array(Image.open(tmp_path / "out" / "000_00.png"))).permute(2, 0, 1) / 255
+    assert (png - img[0]).abs().max() <= 1 / 255 + 1e-6
+    plain = generate(load_model(tiny_sdxl_folder), PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0,
+                     seed=cfg.seed, height=32, width=32)
+    assert (plain - img).abs().max() > 0.02  # the LoRA changed the picture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_cuda_graphed_sdxl_sampling_equals_eager(tiny_sdxl_folder):
+    """The sampling graph records SDXL's pooled text and time ids as static inputs too (models/cuda_graph.py)."""
+    sd = load_model(tiny_sdxl_folder, device="cuda")
+    kw = dict(steps=6, guidance_scale=5.0, seed=3, num_images=2, height=32, width=32)
+    a = generate(sd, PROMPT, NEG, cuda_graph=False, **kw)
+    b = generate(sd, PROMPT, NEG, cuda_graph=True, **kw)
+    c = generate(sd, "another prompt", NEG, cuda_graph=True, **kw)  # the same graph, other pooled embeddings
+    d = generate(sd, "another prompt", NEG, cuda_graph=False, **kw)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, d, atol=1e-5)
+    assert (a - c).abs().max() > 1e-2

@@ -77,6 +77,8 @@ class Trainer:
         m = cfg.model
         self.sd = load_model(m.path, dtype=base_dtype, device=self.device, vae=m.get("vae"),
                              config=m.get("config"))
+        if base_dtype == torch.float16 and self.sd.vae.config.extra.get("force_upcast"):
+            self.sd.vae.float()  # SDXL's VAE overflows in fp16 (its config says so): encode in fp32, as diffusers does
         for mod in (self.sd.unet, self.sd.vae, *self.sd.text_encoders.values()):
             mod.requires_grad_(False).eval()
         d = cfg.data
