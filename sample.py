@@ -30,7 +30,7 @@ from models.pipeline import generate
 from models.samplers import SAMPLERS
 import training.config  # noqa: F401  (registers ${root:})
 
-A1111_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
+A1111_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
 
 
 def check_settings(cfg: DictConfig) -> list[str]:

@@ -132,10 +132,22 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 def euler_ancestral(model: Model, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, *, x0=None,
                     strength=1.0, generator=None, callback=None, spacing: str = "linspace",
                     steps_offset: int = 1) -> torch.Tensor:
-    """Euler ancestral (k-diffusion sample_euler_ancestral; A1111's "Euler a").
+    """Euler ancestral (k-diffusion sample_euler_ancestral; A1111's "Euler a"; diffusers'
+    EulerAncestralDiscreteScheduler)."""
+    return _euler(model, noise, schedule, steps, x0, strength, generator, callback, spacing, steps_offset, True)
 
-    Works on x_sigma = x_vp * sqrt(1 + sigma^2) (Karras et al. 2022, sec. 4); the model sees x_vp.
-    """
+
+@torch.no_grad()
+def euler(model: Model, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, *, x0=None, strength=1.0,
+          generator=None, callback=None, spacing: str = "linspace", steps_offset: int = 1) -> torch.Tensor:
+    """Euler (Karras et al. 2022, arXiv:2206.00364, alg. 2 with S_churn = 0; A1111's "Euler"; diffusers'
+    EulerDiscreteScheduler, SDXL base's scheduler): x <- x + (sigma_next - sigma) * (x - x0_hat) / sigma."""
+    return _euler(model, noise, schedule, steps, x0, strength, generator, callback, spacing, steps_offset, False)
+
+
+def _euler(model, noise, schedule, steps, x0, strength, generator, callback, spacing, steps_offset,
+           ancestral: bool) -> torch.Tensor:
+    """Works on x_sigma = x_vp * sqrt(1 + sigma^2) (Karras et al. 2022, sec. 4); the model sees x_vp."""
     T = schedule.num_train_timesteps
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
@@ -156,10 +168,13 @@ def euler_ancestral(model: Model, noise: torch.Tensor, schedule: NoiseSchedule, 
             x0_hat = x - s * out
         else:
             x0_hat = out * (-s / (s ** 2 + 1) ** 0.5) + x / (s ** 2 + 1)
-        s_up = (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5
-        s_down = (s_next ** 2 - s_up ** 2) ** 0.5
-        x = x + (x - x0_hat) / s * (s_down - s)
-        x = x + _noise_like(x, generator) * s_up
+        if ancestral:  # step down to s_down, then add noise back up to s_next (k-diffusion get_ancestral_step)
+            s_up = (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5
+            s_down = (s_next ** 2 - s_up ** 2) ** 0.5
+            x = x + (x - x0_hat) / s * (s_down - s)
+            x = x + _noise_like(x, generator) * s_up
+        else:
+            x = x + (x - x0_hat) / s * (s_next - s)
         if callback:
             callback(i, float(t), x, x0_hat)
     return x
@@ -215,7 +230,7 @@ def dpmpp_2m(model: Model, noise: torch.Tensor, schedule: NoiseSchedule, steps: 
     return x
 
 
-SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "euler_a": euler_ancestral, "dpmpp_2m": dpmpp_2m}
+SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "euler": euler, "euler_a": euler_ancestral, "dpmpp_2m": dpmpp_2m}
 
 
 def get_sampler(name: str):

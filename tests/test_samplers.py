@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.samplers import ddim, ddpm, dpmpp_2m, euler_ancestral, get_sampler, guided
+from models.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, get_sampler, guided
 from models.schedule import NoiseSchedule
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -80,6 +80,18 @@ def test_euler_ancestral(spacing, pred):
     close(run_ours(euler_ancestral, NOISE, ours, 10, spacing=spacing), run_diffusers(sched, NOISE, 10))
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_euler(spacing, pred):
+    """SDXL base's scheduler (EulerDiscreteScheduler, leading spacing)."""
+    from diffusers import EulerDiscreteScheduler
+    sched = EulerDiscreteScheduler(**SD, timestep_spacing=spacing, prediction_type=pred)
+    ours = NoiseSchedule.from_config({**SD, "prediction_type": pred})
+    got = run_ours(euler, NOISE, ours, 10, spacing=spacing)
+    close(got, run_diffusers(sched, NOISE, 10))
+    assert (got[-1] - run_ours(euler_ancestral, NOISE, ours, 10, spacing=spacing)[-1]).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("spacing,karras", [("linspace", False), ("leading", False), ("trailing", False),
                                             ("linspace", True)])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -91,10 +103,12 @@ def test_dpmpp_2m(spacing, karras, pred):
     close(run_ours(dpmpp_2m, NOISE, ours, 20, spacing=spacing, karras=karras), run_diffusers(sched, NOISE, 20))
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_img2img_strength(name):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
-    cls = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler}
     extra = {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"} if name == "ddim" else {}
     sched = cls[name](**SD, **extra)
     ours = NoiseSchedule.from_config(SD)

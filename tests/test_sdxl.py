@@ -43,16 +43,19 @@ def test_prompt_encoding_equals_diffusers(tiny_sdxl_folder):
     assert (conditioning.tokenize_prompts(sd, ["a"])[1][0, 3:] == 0).all()
 
 
-@pytest.mark.parametrize("negative", [None, NEG])
-def test_generate_equals_diffusers_pipeline(tiny_sdxl_folder, negative):
+@pytest.mark.parametrize("negative,sampler", [(None, "ddim"), (NEG, "ddim"), (None, "euler")])
+def test_generate_equals_diffusers_pipeline(tiny_sdxl_folder, negative, sampler):
+    import diffusers
     ref = _pipe(tiny_sdxl_folder)
+    if sampler == "euler":  # SDXL base's own scheduler
+        ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     kw = dict(negative_prompt=negative, num_inference_steps=6, guidance_scale=6.0, height=64, width=48,
               num_images_per_prompt=2)
     want = ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
     want_z = ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="latent", **kw).images
     sd = load_model(tiny_sdxl_folder)
     last = []
-    got = generate(sd, PROMPT, negative or "", steps=6, guidance_scale=6.0, seed=3, num_images=2,
+    got = generate(sd, PROMPT, negative or "", steps=6, guidance_scale=6.0, seed=3, num_images=2, sampler=sampler,
                    height=64, width=48, callback=lambda i, t, x, x0: last.append(x))
     assert got.shape == want.shape == (2, 3, 64, 48)
     assert want.std() > 0.05
