@@ -1,6 +1,8 @@
 """The benchmark's baseline: diffusers + peft as diffusers' train_text_to_image_lora.py trains (fp16/bf16
 weights, LoRA parameters cast to fp32, autocast, GradScaler for fp16, AdamW, clip 1.0, the loss read
-every step for logging), and StableDiffusionPipeline for sampling.
+every step for logging), and StableDiffusionPipeline for sampling. SDXL configs as
+train_dreambooth_lora_sdxl.py: both text encoders (penultimate layers concatenated, bigG's pooled
+projection) and the size conditioning as added_cond_kwargs.
 
 It lives in tests/ because diffusers and peft are oracles here: nothing outside tests/ imports them.
 experiments/bench/run_all.py runs it as `python tests/diffusers_baseline.py CONFIG PART MODE [ROOT] [--tiny]`.
@@ -37,6 +39,22 @@ def load(folder: Path, dtype, device):
     return unet, vae, te, tok
 
 
+def sdxl_text(folder: Path, dtype, device, captions: list[str]):
+    """train_dreambooth_lora_sdxl.py's encode_prompt: -> (prompt_embeds (B, 77, 2048), pooled (B, 1280))."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    embeds, pooled = [], None
+    for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        te = cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype).to(device).requires_grad_(False)
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer"))
+        ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = te(ids.to(device), output_hidden_states=True)
+        pooled = out[0]                     # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        embeds.append(out.hidden_states[-2])
+        del te
+    return torch.cat(embeds, dim=-1), pooled
+
+
 def add_lora(unet, c: dict, dropout: float, fp32: bool = True):
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["alpha"], lora_dropout=dropout,
@@ -55,6 +73,9 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
     folder, res = w["model"], w["resolution"]
     unet, vae, te, tok = load(folder, dtype, dev)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    sdxl = c.get("arch") == "sdxl"
+    if sdxl and part == "full":
+        raise ValueError("the SDXL baseline measures the UNet step with cached text and latents only")
     params = add_lora(unet, c, DROPOUT)
     if c["ckpt"]:
         unet.enable_gradient_checkpointing()
@@ -66,9 +87,19 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
     pixels = torch.rand((b, 3, res, res), generator=g, device=dev).mul(2).sub(1).to(dtype)
     ids = tok([CAPTIONS[i % len(CAPTIONS)] for i in range(b)], padding="max_length", max_length=77,
               truncation=True, return_tensors="pt").input_ids.to(dev)
+    added = None
     with torch.no_grad():
-        lat_cached = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        enc_cached = te(ids, return_dict=False)[0]
+        lat_cached = vae.float().encode(pixels.float()).latent_dist.sample() * vae.config.scaling_factor \
+            if sdxl else vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        if sdxl:  # cached as the script's --cache_latents and fixed instance prompt do; the encoders leave the GPU
+            enc_cached, pooled = sdxl_text(folder, dtype, dev, [CAPTIONS[i % len(CAPTIONS)] for i in range(b)])
+            added = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * b, device=dev,
+                                                                      dtype=dtype)}
+            del vae, te
+            torch.cuda.empty_cache() if dev == "cuda" else None
+        else:
+            enc_cached = te(ids, return_dict=False)[0]
+    lat_cached = lat_cached.to(dtype)
     reset_peak(dev)
 
     def step():
@@ -82,7 +113,7 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev).long()
         noisy = sched.add_noise(latents, noise, t)
         with torch.autocast(dev, dtype=dtype, enabled=precision != "fp32"):
-            pred = model(noisy, t, enc, return_dict=False)[0]
+            pred = model(noisy, t, enc, added_cond_kwargs=added, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -167,7 +198,7 @@ def sampling_memory(w: dict) -> dict:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv)
+    w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, args[0])
     if args[0] == "sampling_memory":
         print("diffusers", " ".join(f"{k}={v:.3f}" for k, v in sampling_memory(w).items()), flush=True)
         sys.exit(0)

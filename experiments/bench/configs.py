@@ -3,9 +3,9 @@ conf/lora group, `targets` the same modules as the walker's preset of that name 
 from lora.inject import PRESETS
 
 
-def _job(batch, rank, alpha, lora_conf, precision, ckpt=False) -> dict:
+def _job(batch, rank, alpha, lora_conf, precision, ckpt=False, arch="sd15") -> dict:
     return dict(batch=batch, rank=rank, alpha=alpha, lora_conf=lora_conf, targets=list(PRESETS[lora_conf]),
-                precision=precision, ckpt=ckpt)
+                precision=precision, ckpt=ckpt, arch=arch)
 
 
 CONFIGS = {
@@ -16,21 +16,30 @@ CONFIGS = {
     "seed000_ckpt": _job(4, 16, 32, "attention_proj_conv", "fp16", ckpt=True),
     # batch 8 in bf16: where the GPU can be kept busy
     "b8_bf16": _job(8, 32, 16, "attention", "bf16"),
+    # seed 004 (SDXL DreamBooth, conf/experiment/sdxl_dreambooth.yaml): SDXL base at 1024x1024, batch 1, r4/a4 on
+    # the attention projections, fp16, gradient checkpointing
+    "sdxl_seed004": _job(1, 4, 4, "attention", "fp16", ckpt=True, arch="sdxl"),
 }
 DROPOUT = 0.1
 LR = 1e-4
 
 
-def world(root, tiny: bool) -> dict:
+def world(root, tiny: bool, config: str | None = None) -> dict:
     """Where a job runs: the SD1.5-size random model on the GPU at 512x512, or (--tiny) the bundled tiny
-    world on the CPU at 64x64 in fp32 (a CPU has no fast fp16)."""
+    world on the CPU at 64x64 in fp32 (a CPU has no fast fp16). An SDXL config: SDXL base's size at 1024x1024
+    (fewer timed steps: each is several times an SD1.5 step), or a tiny random SDXL at 64x64 on the CPU."""
     from pathlib import Path
 
-    from experiments.bench.world import image_folder, sd15_folder
+    from experiments.bench.world import image_folder, sd15_folder, sdxl_folder
+    sdxl = config is not None and CONFIGS.get(config, {}).get("arch") == "sdxl"
     if tiny:
         assets = Path(__file__).resolve().parents[2] / "assets"
-        return {"device": "cpu", "model": assets / "tiny-sd15", "data": assets / "tiny-world" / "subject",
-                "resolution": 64, "precision": "fp32", "warm": 2, "steps": 10, "sample_dtype": "fp32"}
+        return {"device": "cpu", "model": sdxl_folder(Path(root), tiny=True) if sdxl else assets / "tiny-sd15",
+                "data": assets / "tiny-world" / "subject", "resolution": 64, "precision": "fp32", "warm": 2,
+                "steps": 10, "sample_dtype": "fp32"}
+    if sdxl:
+        return {"device": "cuda", "model": sdxl_folder(Path(root)), "data": image_folder(Path(root), size=1024),
+                "resolution": 1024, "precision": None, "warm": 3, "steps": 20, "sample_dtype": "fp16"}
     return {"device": "cuda", "model": sd15_folder(Path(root)), "data": image_folder(Path(root)), "resolution": 512,
             "precision": None, "warm": 4, "steps": 60, "sample_dtype": "fp16"}
 

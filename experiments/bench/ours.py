@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak,
                                       split_peak, sync, world)
@@ -151,6 +150,6 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     name, part, mode = args[:3]
-    w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv)
+    w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, name)
     res = sample(mode, w) if name == "sampling" else measure(name, part, mode, w)
     print("RESULT " + json.dumps(res), flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_JOBS = [  # (module, config, part, mode); "default" = the shipped config (on CUDA: graph, channels_last, half norms)
+JOBS = [  # (module, config, part, mode); "default" = the shipped config (on CUDA: graph, channels_last, half norms)
     ("ours", "report", "unet", "eager"), ("ours", "report", "unet", "graph"),
     ("ours", "report", "unet", "graph_cl"), ("ours", "report", "unet", "graph_hn"),
     ("ours", "report", "unet", "default"), ("ours", "report", "unet", "graph_fq"),
@@ -33,7 +33,9 @@ TINY_JOBS = [  # (module, config, part, mode); "default" = the shipped config (o
     ("ours", "b8_bf16", "unet", "default"), ("ours", "b8_bf16", "unet", "graph_compile"),
     ("diffusers", "b8_bf16", "unet", "eager"),
     ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-"),
+    ("ours", "sdxl_seed004", "unet", "default"), ("diffusers", "sdxl_seed004", "unet", "eager"),
 ]
+TINY_JOBS = JOBS  # the same list on the bundled tiny world (SDXL: a tiny random SDXL)
 COMPILE_TIMEOUT_FACTOR = 4  # torch.compile of the SD1.5 UNet (forward + backward) took over 150 s on the H100 machine
 
 
@@ -93,13 +95,17 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(",")) - {""}
     t = time.time()
-    if not a.tiny:
-        from experiments.bench.world import image_folder, sd15_folder
-        sd15_folder(Path(a.root)), image_folder(Path(a.root))
+    jobs = [tuple(j.split(":")) for j in a.jobs.split(",") if j] or (TINY_JOBS if a.tiny else JOBS)
+    if not a.tiny:  # built once, before the jobs: each job's process loads it
+        from experiments.bench.configs import CONFIGS
+        from experiments.bench.world import image_folder, sd15_folder, sdxl_folder
+        if any(CONFIGS.get(j[1], {}).get("arch", "sd15") == "sd15" for j in jobs):
+            sd15_folder(Path(a.root)), image_folder(Path(a.root))
+        if any(CONFIGS.get(j[1], {}).get("arch") == "sdxl" for j in jobs):
+            sdxl_folder(Path(a.root)), image_folder(Path(a.root), size=1024)
     print(f"world ready in {time.time() - t:.0f} s", flush=True)
     peak = matmul_tflops() if not a.tiny else None
     results = []
-    jobs = [tuple(j.split(":")) for j in a.jobs.split(",") if j] or (TINY_JOBS if a.tiny else JOBS)
     for mod, cfg, part, mode in jobs:
         if only and cfg not in only and f"{mod}:{cfg}:{part}:{mode}" not in only:
             continue
