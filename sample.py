@@ -41,7 +41,7 @@ def check_settings(cfg: DictConfig) -> list[str]:
         raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg.sampler!r}: use one of {sorted(SAMPLERS)}")
-    if cfg.height % 8 or cfg.width % 8:
+    if (cfg.height or 0) % 8 or (cfg.width or 0) % 8:
         raise ValueError(f"height and width must be divisible by 8, got {cfg.height}x{cfg.width}")
     if cfg.images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {cfg.images_per_prompt}")
@@ -89,13 +89,14 @@ def run(cfg: DictConfig) -> list[dict]:
     lora_info = []
     for lora in cfg.loras:
         path = Path(to_absolute_path(lora.path))
-        loaded = load_lora(sd.parts, path,
-                           multiplier=float(lora.get("weight", 1.0)))
+        loaded = load_lora(sd.parts, path, multiplier=float(lora.get("weight", 1.0)))
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
     if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
         sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
-    init = load_init_image(to_absolute_path(cfg.init_image), cfg.width, cfg.height) if cfg.init_image else None
+    native = sd.unet.config.sample_size * sd.vae.scale_factor  # what the model was trained at: SD1.5 512, SDXL 1024
+    height, width = cfg.height or native, cfg.width or native
+    init = load_init_image(to_absolute_path(cfg.init_image), width, height) if cfg.init_image else None
     mhash = model_hash(model_path)
     sampler_name = A1111_SAMPLER_NAMES[cfg.sampler] + (" Karras" if cfg.sampler_options.get("karras") else "")
     lora_tags = "".join(f" <lora:{x['name']}:{x['weight']:g}>" for x in lora_info)
@@ -106,13 +107,13 @@ def run(cfg: DictConfig) -> list[dict]:
         images = generate(sd, prompt, cfg.negative_prompt, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                           guidance_rescale=cfg.guidance_rescale, sampler=cfg.sampler,
                           sampler_options=OmegaConf.to_container(cfg.sampler_options), seed=cfg.seed,
-                          num_images=cfg.images_per_prompt, height=cfg.height, width=cfg.width,
+                          num_images=cfg.images_per_prompt, height=height, width=width,
                           clip_skip=cfg.clip_skip, long_prompt=cfg.long_prompt, init_image=init,
                           strength=cfg.strength if init is not None else 1.0,
                           callback=lambda *_: bar.update(1), cuda_graph=cfg.get("cuda_graph", True))
         for j, image in enumerate(images):
             settings = {"Steps": cfg.steps, "Sampler": sampler_name, "CFG scale": cfg.guidance_scale,
-                        "Seed": cfg.seed, "Batch index": j, "Size": f"{cfg.width}x{cfg.height}",
+                        "Seed": cfg.seed, "Batch index": j, "Size": f"{width}x{height}",
                         "Model hash": mhash, "Model": Path(str(model_path)).stem,
                         "Clip skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
                         "Denoising strength": cfg.strength if init is not None else None,
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> list[dict]:
             tiles.append(to_pil(image))
             manifest.append({"file": name, "prompt": prompt, "negative_prompt": cfg.negative_prompt,
                              "seed": cfg.seed, "batch_index": j, "steps": cfg.steps, "sampler": cfg.sampler,
-                             "guidance_scale": cfg.guidance_scale, "width": cfg.width, "height": cfg.height,
+                             "guidance_scale": cfg.guidance_scale, "width": width, "height": height,
                              "model": str(model_path), "model_hash": mhash, "loras": lora_info})
     bar.close()
     make_grid(tiles, cfg.images_per_prompt).save(out_dir / "grid.png")

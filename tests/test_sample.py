@@ -95,3 +95,14 @@ def test_guidance_sweep_multirun(tiny_diffusers_folder, tmp_path):
     assert [r.split(",")[0] for r in runs] == ["0_guidance_scale=4.0", "1_guidance_scale=7.5"]
     a = Image.open(tmp_path / runs[0] / "000_00.png").text["parameters"]
     assert "CFG scale: 4.0" in a
+
+
+def test_default_size_is_the_models_own(tiny_diffusers_folder, tmp_path):
+    """height/width null: the UNet's sample_size x the VAE's factor (SD1.5 512, SDXL 1024; here 8 x 2)."""
+    import sample
+    cfg = _cfg([f"model.path={tiny_diffusers_folder}", f"out_dir={tmp_path / 'out'}", "steps=2",
+                "images_per_prompt=1"])
+    manifest = sample.run(cfg)
+    assert Image.open(tmp_path / "out" / "000_00.png").size == (16, 16)
+    assert (manifest[0]["width"], manifest[0]["height"]) == (16, 16)
+    assert "Size: 16x16" in Image.open(tmp_path / "out" / "000_00.png").text["parameters"]
