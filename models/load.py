@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models import ldm_keys, openclip_keys, sdxl_layout, text
+from models import ldm_keys, openclip_keys, sd2_layout, sdxl_layout, text
 from models.checkpoint import CheckpointError, load_strict, no_init, read_state_dict, write_safetensors
 from models.unet import UNet2DConditionModel, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
@@ -240,18 +241,23 @@ def _take(sd: dict, key_map: dict[str, str], consumed: set, source: str, squeeze
 
 def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool = False,
                      skip_vae: bool = False) -> StableDiffusion:
-    """A single-file LDM checkpoint (A1111/CivitAI style, SD1.x or SDXL) -> StableDiffusion."""
+    """A single-file LDM checkpoint (A1111/CivitAI style, SD1.x, SD2.x or SDXL) -> StableDiffusion."""
     sd = read_state_dict(path)
-    if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise CheckpointError(f"{path} is an SD2.x checkpoint (OpenCLIP text encoder); SD2 single files are "
-                              f"not supported: use its diffusers folder")
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{path} has no {ldm_keys.UNET_PREFIX}* keys: not a Stable Diffusion checkpoint "
                               f"(a LoRA or a VAE file given as the base model?)")
-    if any(k.startswith(sdxl_layout.TEXT1_PREFIX) for k in sd):
+    kind = "sdxl" if any(k.startswith(sdxl_layout.TEXT1_PREFIX) for k in sd) else \
+        "sd2" if any(k.startswith(sd2_layout.TEXT_PREFIX) for k in sd) else "sd1"
+    if kind == "sdxl":
         ucfg, vcfg, tcfgs, sched = sdxl_layout.component_configs(config, _read_config)
     else:
-        ucfg, vcfg, tcfg, sched = _component_configs(config)
+        if kind == "sd2" and config is None:
+            warnings.warn(f"{path}: an SD2.x single file, read as SD2.1 (768x768, v-prediction) as diffusers does; "
+                          f"for SD2.x-base (512, epsilon) pass config=<its diffusers folder>", stacklevel=3)
+            ucfg, vcfg, tcfg, sched = (UNetConfig.from_dict(sd2_layout.UNET, "SD2.1"), VAEConfig(),
+                                       dict(sd2_layout.TEXT), dict(sd2_layout.SCHEDULER))
+        else:
+            ucfg, vcfg, tcfg, sched = _component_configs(config)
         tcfgs = {"text_encoder": tcfg}
     consumed: set[str] = set()
     unet = _unet_from_ldm(sd, ucfg, path, use_ema, consumed)
@@ -264,7 +270,7 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
     for part, tcfg in tcfgs.items():
         with no_init():
             te = text.build_text_encoder(tcfg)
-        tsd = _text_from_ldm(sd, part, len(tcfgs) > 1, consumed, path)
+        tsd = _text_from_ldm(sd, part, kind, tcfg, consumed, path)
         load_strict(te, text.from_published(tsd, te), f"{path} ({part})")
         tes[part] = te.eval()
 
@@ -273,8 +279,9 @@ def load_single_file(path: Path, config: str | Path | None = None, use_ema: bool
     if leftover:
         raise CheckpointError(f"{path}: {len(leftover)} unexpected keys that no part of the model takes: "
                               f"{', '.join(sorted(leftover)[:12])}")
-    sdxl = "text_encoder_2" in tes
-    return StableDiffusion(unet.eval(), vae.eval() if vae else None, tes["text_encoder"], text.load_tokenizer(),
+    sdxl = kind == "sdxl"
+    tok = text.load_tokenizer(pad_token=sd2_layout.PAD_TOKEN if kind == "sd2" else None)
+    return StableDiffusion(unet.eval(), vae.eval() if vae else None, tes["text_encoder"], tok,
                            sched, str(path), text_encoder_2=tes.get("text_encoder_2"),
                            tokenizer_2=text.load_tokenizer(pad_token=text.SDXL_PAD_TOKEN_2) if sdxl else None,
                            force_zeros_for_empty_prompt=sdxl)
@@ -305,9 +312,17 @@ def _vae_from_ldm(sd: dict, vcfg: VAEConfig, path: Path, consumed: set) -> Autoe
     return vae
 
 
-def _text_from_ldm(sd: dict, part: str, sdxl: bool, consumed: set, path: Path) -> dict:
-    """One text encoder's weights out of a single file, in published (`text_model.*`) names."""
-    if sdxl and part == "text_encoder_2":  # OpenCLIP names
+def _text_from_ldm(sd: dict, part: str, kind: str, tcfg: dict, consumed: set, path: Path) -> dict:
+    """One text encoder's weights out of a single file, in published (`text_model.*`) names.
+    kind: sd1 | sd2 | sdxl (models/sd2_layout.py, models/sdxl_layout.py)."""
+    if kind == "sd2":  # OpenCLIP ViT-H, its last layer and projection unused by SD2
+        own = {k[len(sd2_layout.TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(sd2_layout.TEXT_PREFIX)}
+        consumed.update(sd2_layout.TEXT_PREFIX + k for k in own)
+        try:
+            return sd2_layout.text_from_openclip(own, tcfg["num_hidden_layers"], f"{path} (text_encoder)")[0]
+        except KeyError as e:
+            raise CheckpointError(str(e)) from None
+    if kind == "sdxl" and part == "text_encoder_2":  # OpenCLIP names
         prefix = sdxl_layout.TEXT2_PREFIX
         own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         consumed.update(prefix + k for k in own)
@@ -315,7 +330,7 @@ def _text_from_ldm(sd: dict, part: str, sdxl: bool, consumed: set, path: Path) -
             return openclip_keys.to_hf(own, f"{path} (text_encoder_2)")
         except KeyError as e:
             raise CheckpointError(str(e)) from None
-    prefix = sdxl_layout.TEXT1_PREFIX if sdxl else ldm_keys.TEXT_PREFIX
+    prefix = sdxl_layout.TEXT1_PREFIX if kind == "sdxl" else ldm_keys.TEXT_PREFIX
     tsd = {}
     for k, v in sd.items():
         if k.startswith(prefix):
@@ -392,7 +407,10 @@ def to_ldm_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
     for ours, ldm in ldm_keys.map_keys(vsd, ldm_keys.vae_prefix_map(sd.vae.config), ldm_keys.VAE_PREFIX).items():
         t = vsd[ours]
         out[ldm] = t[:, :, None, None] if ldm_keys.is_vae_attention_conv(ldm) and t.ndim == 2 else t
-    if sd.text_encoder_2 is None:
+    if sd.text_encoder_2 is None and text.is_openclip(sd.text_encoder.config):  # SD2.x
+        for k, v in openclip_keys.from_hf(text.to_published(sd.text_encoder.state_dict(), sd.text_encoder)).items():
+            out[sd2_layout.TEXT_PREFIX + k] = v
+    elif sd.text_encoder_2 is None:
         for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
             out[ldm_keys.TEXT_PREFIX + k] = v
     else:  # SDXL: CLIP-L in transformers' names, OpenCLIP bigG in its own

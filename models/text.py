@@ -81,6 +81,12 @@ def save_tokenizer(tok: CLIPTokenizer, folder: str | Path) -> Path:
     return folder
 
 
+def is_openclip(config) -> bool:
+    """An OpenCLIP text tower (SD2.x's ViT-H, SDXL's bigG: GELU) rather than OpenAI's CLIP (quick GELU)."""
+    act = config.get("hidden_act") if isinstance(config, dict) else config.hidden_act
+    return act == "gelu"
+
+
 def has_projection(config: dict) -> bool:
     """SDXL's text_encoder_2 (CLIPTextModelWithProjection), by the architecture its config.json names."""
     return "CLIPTextModelWithProjection" in (config.get("architectures") or [])
