@@ -124,20 +124,23 @@ def _outputs(sd_or_pipe, x, ours=True):
     return text["ctx"], text["pooled"], out
 
 
-def test_our_kohya_sdxl_file_loads_in_diffusers(tiny_sdxl_folder, tmp_path):
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_our_sdxl_lora_file_loads_in_diffusers(tiny_sdxl_folder, tmp_path, fmt):
     from safetensors.torch import load_file
 
     from lora.io import save_lora
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     sd = _sdxl_with_lora(tiny_sdxl_folder)
-    f = save_lora(sd.parts, tmp_path / "xl.safetensors")
+    f = save_lora(sd.parts, tmp_path / "xl.safetensors", fmt=fmt)
     keys = set(load_file(str(f)))
-    # kohya's SDXL names: LDM paths in the UNet (down_blocks.1.attentions.0 = input_blocks.4.1), te1 / te2
-    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
-    assert "lora_unet_input_blocks_1_0_in_layers_2.alpha" in keys
-    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
-    assert "lora_te2_text_model_encoder_layers_3_mlp_fc2.lora_up.weight" in keys
-    assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
+    if fmt == "kohya":  # kohya's SDXL names: LDM paths in the UNet (down_blocks.1.attentions.0 = input_blocks.4.1)
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_unet_input_blocks_1_0_in_layers_2.alpha" in keys
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+        assert "lora_te2_text_model_encoder_layers_3_mlp_fc2.lora_up.weight" in keys
+        assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
+    else:
+        assert any(k.startswith("text_encoder_2.") for k in keys)
     pipe = _pipe(tiny_sdxl_folder)
     base = _outputs(pipe, x, ours=False)
     pipe.load_lora_weights(str(f))
@@ -148,7 +151,7 @@ def test_our_kohya_sdxl_file_loads_in_diffusers(tiny_sdxl_folder, tmp_path):
         assert (g - w).abs().max() <= 1e-5 * max(2.0, w.abs().max())  # float32 rounding of |out| up to ~2.5
     fresh = load_model(tiny_sdxl_folder)        # and ours reads it back
     from lora.io import load_lora
-    assert load_lora(fresh.parts, f).fmt == "kohya"
+    assert load_lora(fresh.parts, f).fmt == fmt
     for g, r in zip(got, _outputs(fresh, x)):
         assert (g - r).abs().max() <= 1e-6
 
