@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory,  # noqa: E402
-                                       reset_peak, split_peak, sync, world)
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, median_seconds,  # noqa: E402
+                                       peak_memory, reset_peak, split_peak, sync, world)
 from experiments.bench.world import CAPTIONS  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -138,15 +138,23 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
             "lora_params": sum(p.numel() for p in params)}
 
 
-def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) -> dict:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3, name: str = "sampling") -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     folder, dev = w["model"], w["device"]
-    unet, vae, te, tok = load(folder, DT.get(w["sample_dtype"], torch.float32), dev)
-    add_lora(unet, CONFIGS["report"], 0.0, fp32=False)  # as load_lora_weights leaves it: fp16, not fused
-    unet.eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    c = CONFIGS[SAMPLING[name]]
+    dtype = DT.get(w["sample_dtype"], torch.float32)
+    if c.get("arch") == "sdxl":  # as load_lora_weights leaves it: the LoRA unmerged, in the model's dtype
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(dev)
+        pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        add_lora(pipe.unet, c, 0.0, fp32=False)
+        pipe.unet.eval()
+    else:
+        unet, vae, te, tok = load(folder, dtype, dev)
+        add_lora(unet, c, 0.0, fp32=False)  # as load_lora_weights leaves it: fp16, not fused
+        unet.eval()
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                       scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     reset_peak(dev)
     size = w["resolution"]
@@ -157,7 +165,7 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) ->
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     peaks = []
     median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
-    return {"impl": "diffusers+peft", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}",
+    return {"impl": "diffusers+peft", "config": name, "part": f"ddim{steps}_cfg{guidance}_{size}",
             "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
@@ -202,5 +210,5 @@ if __name__ == "__main__":
     if args[0] == "sampling_memory":
         print("diffusers", " ".join(f"{k}={v:.3f}" for k, v in sampling_memory(w).items()), flush=True)
         sys.exit(0)
-    res = sample(w) if args[0] == "sampling" else measure(args[0], args[1], args[2], w)
+    res = sample(w, name=args[0]) if args[0] in SAMPLING else measure(args[0], args[1], args[2], w)
     print("RESULT " + json.dumps(res), flush=True)

@@ -20,8 +20,16 @@ CONFIGS = {
     # the attention projections, fp16, gradient checkpointing
     "sdxl_seed004": _job(1, 4, 4, "attention", "fp16", ckpt=True, arch="sdxl"),
 }
+# Sampling jobs: 50 DDIM steps with CFG and a LoRA applied unmerged, on the architecture and with the LoRA of
+# the named training config.
+SAMPLING = {"sampling": "report", "sampling_sdxl": "sdxl_seed004"}
 DROPOUT = 0.1
 LR = 1e-4
+
+
+def arch_of(config: str) -> str:
+    """sd15 | sdxl: which random world a job (training or sampling config) runs on."""
+    return CONFIGS.get(SAMPLING.get(config, config), {}).get("arch", "sd15")
 
 
 def world(root, tiny: bool, config: str | None = None) -> dict:
@@ -31,7 +39,7 @@ def world(root, tiny: bool, config: str | None = None) -> dict:
     from pathlib import Path
 
     from experiments.bench.world import image_folder, sd15_folder, sdxl_folder
-    sdxl = config is not None and CONFIGS.get(config, {}).get("arch") == "sdxl"
+    sdxl = config is not None and arch_of(config) == "sdxl"
     if tiny:
         assets = Path(__file__).resolve().parents[2] / "assets"
         return {"device": "cpu", "model": sdxl_folder(Path(root), tiny=True) if sdxl else assets / "tiny-sd15",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from experiments.bench.configs import (CONFIGS, DROPOUT, LR, median_seconds, peak_memory, reset_peak,
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, median_seconds, peak_memory, reset_peak,
                                       split_peak, sync, world)
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
@@ -120,8 +120,10 @@ def count_flops(tr) -> float:
     return float(fc.get_total_flops())
 
 
-def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3) -> dict:
-    """50 DDIM steps with CFG (a negative prompt), a r32 LoRA applied (not merged), VAE decode: s/image.
+def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3,
+           name: str = "sampling") -> dict:
+    """50 DDIM steps with CFG (a negative prompt), the LoRA of SAMPLING[name] applied (not merged; the report's
+    r32, or seed 004's r4 on SDXL), VAE decode: s/image.
     mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager."""
     from experiments.bench.world import CAPTIONS
     from lora.inject import inject_lora
@@ -129,7 +131,7 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     from models.pipeline import generate
     dev = w["device"]
     sd = load_model(w["model"], dtype=w["sample_dtype"], device=dev)
-    c = CONFIGS["report"]
+    c = CONFIGS[SAMPLING[name]]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
@@ -143,7 +145,7 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
                         cuda_graph=mode.startswith("graph"))
     peaks = []
     median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
-    return {"impl": "ours", "config": "sampling", "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
+    return {"impl": "ours", "config": name, "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
             "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
@@ -151,5 +153,5 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     name, part, mode = args[:3]
     w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, name)
-    res = sample(mode, w) if name == "sampling" else measure(name, part, mode, w)
+    res = sample(mode, w, name=name) if name in SAMPLING else measure(name, part, mode, w)
     print("RESULT " + json.dumps(res), flush=True)

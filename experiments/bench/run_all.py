@@ -34,6 +34,7 @@ JOBS = [  # (module, config, part, mode); "default" = the shipped config (on CUD
     ("diffusers", "b8_bf16", "unet", "eager"),
     ("ours", "sampling", "-", "graph"), ("ours", "sampling", "-", "eager"), ("diffusers", "sampling", "-", "-"),
     ("ours", "sdxl_seed004", "unet", "default"), ("diffusers", "sdxl_seed004", "unet", "eager"),
+    ("ours", "sampling_sdxl", "-", "graph"), ("diffusers", "sampling_sdxl", "-", "-"),
 ]
 TINY_JOBS = JOBS  # the same list on the bundled tiny world (SDXL: a tiny random SDXL)
 COMPILE_TIMEOUT_FACTOR = 4  # torch.compile of the SD1.5 UNet (forward + backward) took over 150 s on the H100 machine
@@ -97,11 +98,11 @@ def main():
     t = time.time()
     jobs = [tuple(j.split(":")) for j in a.jobs.split(",") if j] or (TINY_JOBS if a.tiny else JOBS)
     if not a.tiny:  # built once, before the jobs: each job's process loads it
-        from experiments.bench.configs import CONFIGS
+        from experiments.bench.configs import arch_of
         from experiments.bench.world import image_folder, sd15_folder, sdxl_folder
-        if any(CONFIGS.get(j[1], {}).get("arch", "sd15") == "sd15" for j in jobs):
+        if any(arch_of(j[1]) == "sd15" for j in jobs):
             sd15_folder(Path(a.root)), image_folder(Path(a.root))
-        if any(CONFIGS.get(j[1], {}).get("arch") == "sdxl" for j in jobs):
+        if any(arch_of(j[1]) == "sdxl" for j in jobs):
             sdxl_folder(Path(a.root)), image_folder(Path(a.root), size=1024)
     print(f"world ready in {time.time() - t:.0f} s", flush=True)
     peak = matmul_tflops() if not a.tiny else None
