@@ -6,8 +6,9 @@ VAE's identity (a hash of its config and weights), the bucket size, the crop and
 change gives a new key, so a stale latent is never used. Each training step samples
 mean + std * noise afresh, as the uncached step would. Random crops cannot be cached (refused).
 
-Text: the encoder outputs (SDXL: both encoders' hidden states and the pooled embedding) for each distinct caption string, computed on first use, valid while the
-text encoder is frozen (no text-encoder LoRA).
+Text: the encoder outputs (SDXL: both encoders' hidden states and the pooled embedding) for each
+distinct caption string, computed on first use, valid while the text encoder is frozen (no
+text-encoder LoRA).
 """
 from __future__ import annotations
 

@@ -85,8 +85,9 @@ def _ldm_module_names(unet: nn.Module) -> dict[str, str]:
 
 
 def is_sdxl(parts: dict[str, nn.Module]) -> bool:
-    unet = parts.get("unet")
-    return "text_encoder_2" in parts or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+    """An SDXL model's parts: a second text encoder, or a UNet with SDXL's pooled-text + size conditioning."""
+    cfg = getattr(parts.get("unet"), "config", None)
+    return "text_encoder_2" in parts or getattr(cfg, "addition_embed_type", None) == "text_time"
 
 
 def _lookup(parts: dict[str, nn.Module], fmt: str) -> dict[str, tuple[str, str]]:

@@ -55,10 +55,12 @@ def time_ids(original_hw, crop_top_left, target_hw) -> torch.Tensor:
     return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
 
 
-def added_cond(text: dict[str, torch.Tensor], ids: torch.Tensor | None) -> dict | None:
-    """The UNet's added_cond for SDXL ({"text_embeds", "time_ids"}); None for SD1.x."""
+def added_cond(text: dict[str, torch.Tensor], ids: torch.Tensor | None, dtype: torch.dtype | None = None
+               ) -> dict | None:
+    """The UNet's added_cond for SDXL ({"text_embeds" in `dtype`, "time_ids"}); None for SD1.x."""
     if "pooled" not in text:
         return None
     if ids is None:
         raise ValueError("SDXL needs time_ids (original size, crop, target size) for each image")
-    return {"text_embeds": text["pooled"], "time_ids": ids.to(text["pooled"].device)}
+    pooled = text["pooled"] if dtype is None else text["pooled"].to(dtype)
+    return {"text_embeds": pooled, "time_ids": ids.to(pooled.device)}

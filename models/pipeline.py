@@ -107,7 +107,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
 def upcast_vae(vae):
     """A VAE whose config says force_upcast (SDXL's: its fp16 activations overflow) runs in fp32 for the
     duration when it is stored in fp16, as diffusers does."""
-    if vae.dtype != torch.float16 or not vae.config.extra.get("force_upcast", False):
+    if vae.dtype != torch.float16 or not vae.config.force_upcast:
         yield vae
         return
     vae.float()

@@ -48,6 +48,11 @@ class VAEConfig:
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**kw, extra={k: v for k, v in d.items() if k not in names})
 
+    @property
+    def force_upcast(self) -> bool:
+        """The config says its fp16 activations overflow (SDXL's VAE): run it in fp32 (diffusers' flag)."""
+        return bool(self.extra.get("force_upcast", False))
+
     def to_dict(self) -> dict:
         d = dict(self.extra)
         d.update({f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"})

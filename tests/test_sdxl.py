@@ -357,7 +357,7 @@ def test_sdxl_single_file_errors_name_the_file(tiny_sdxl_folder, tiny_diffusers_
 
 def test_fp16_vae_that_asks_for_upcast_decodes_in_fp32(tiny_sdxl_folder, monkeypatch):
     sd = load_model(tiny_sdxl_folder)
-    assert sd.vae.config.extra["force_upcast"] is True and sd.vae.config.scaling_factor == 0.13025
+    assert sd.vae.config.force_upcast is True and sd.vae.config.scaling_factor == 0.13025
     sd.vae.half()
     seen = []
     real = type(sd.vae).decode_latents

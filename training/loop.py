@@ -30,10 +30,9 @@ from lora import mask_replay
 from lora.half_weights import half_weights
 from lora.inject import inject_lora, lora_layers, lora_parameters, set_enabled, set_fused_lora_backward
 from lora.io import save_lora
-from models import sdpa_backend
+from models import conditioning, sdpa_backend
 from models.load import load_model, pick_device
 from models.schedule import NoiseSchedule, offset_noise
-from models import conditioning
 from training.graph_step import GraphedStep
 from training.optim import EMA, build_optimizer, lr_factor, optimizer_state, set_capturable
 from training.precision import LossScaler, autocast, precision_dtype
@@ -77,7 +76,7 @@ class Trainer:
         m = cfg.model
         self.sd = load_model(m.path, dtype=base_dtype, device=self.device, vae=m.get("vae"),
                              config=m.get("config"))
-        if base_dtype == torch.float16 and self.sd.vae.config.extra.get("force_upcast"):
+        if base_dtype == torch.float16 and self.sd.vae.config.force_upcast:
             self.sd.vae.float()  # SDXL's VAE overflows in fp16 (its config says so): encode in fp32, as diffusers does
         for mod in (self.sd.unet, self.sd.vae, *self.sd.text_encoders.values()):
             mod.requires_grad_(False).eval()
@@ -369,7 +368,7 @@ class Trainer:
             with torch.set_grad_enabled(self.train_te), autocast(self.device, self.precision):
                 text = conditioning.encode_ids(self.sd, ids, tc.get("clip_skip", 1))
         unet = self.sd.unet
-        added = conditioning.added_cond({k: v.to(unet.dtype) for k, v in text.items()}, x.get("time_ids"))
+        added = conditioning.added_cond(text, x.get("time_ids"), unet.dtype)  # SDXL's pooled text + size; else None
         mask_replay.clear()  # the previous micro-batch's backward is done with its kept masks
         with autocast(self.device, self.precision):
             zin = zt.to(unet.dtype)
@@ -504,7 +503,8 @@ class Trainer:
                 "config": OmegaConf.to_yaml(self.cfg)}
 
     def load(self, st: dict) -> None:
-        named = {f"{part}.{n}": p for part, mod in self.sd.parts.items() for n, p in mod.named_parameters() if p.requires_grad}
+        named = {f"{part}.{n}": p for part, mod in self.sd.parts.items()
+                 for n, p in mod.named_parameters() if p.requires_grad}
         if set(named) != set(st["lora"]) or any(p.shape != st["lora"][k].shape for k, p in named.items()):
             raise ValueError("the saved state's LoRA modules differ from this config's (targets, rank or text "
                              "encoder changed?): resume with the run's own config")
