@@ -110,7 +110,8 @@ def run(cfg: DictConfig) -> list[dict]:
                           num_images=cfg.images_per_prompt, height=height, width=width,
                           clip_skip=cfg.clip_skip, long_prompt=cfg.long_prompt, init_image=init,
                           strength=cfg.strength if init is not None else 1.0,
-                          callback=lambda *_: bar.update(1), cuda_graph=cfg.get("cuda_graph", True))
+                          callback=lambda *_: bar.update(1), cuda_graph=cfg.get("cuda_graph", True),
+                          vae_tiling=cfg.get("vae_tiling", False))
         for j, image in enumerate(images):
             settings = {"Steps": cfg.steps, "Sampler": sampler_name, "CFG scale": cfg.guidance_scale,
                         "Seed": cfg.seed, "Batch index": j, "Size": f"{width}x{height}",

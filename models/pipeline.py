@@ -51,11 +51,12 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              sampler_options: dict | None = None, seed: int = 0, num_images: int = 1, height: int = 512,
              width: int = 512, clip_skip: int = 1, long_prompt: str = "truncate",
              init_image: torch.Tensor | None = None, strength: float = 1.0,
-             callback: Callable | None = None, decode_slice: int | None = None,
+             callback: Callable | None = None, decode_slice: int | None = None, vae_tiling: bool = False,
              cuda_graph: bool = True) -> torch.Tensor:
     """One prompt, `num_images` images (N, 3, H, W) in [0, 1], float32 on the CPU.
 
     init_image: (1 or N, 3, H, W) in [-1, 1] for img2img with `strength`.
+    decode_slice / vae_tiling: decode that many images at a time / each in overlapping tiles (less memory).
     cuda_graph: on a CUDA device, replay the UNet from a CUDA graph (models/cuda_graph.py): the same
     numbers, without the per-kernel launch cost.
     """
@@ -99,7 +100,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
         latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
         with upcast_vae(sd.vae) as vae:
-            images = vae.decode_latents(latents.to(vae.dtype), slice_size=decode_slice)
+            images = vae.decode_latents(latents.to(vae.dtype), slice_size=decode_slice, tiled=vae_tiling)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 

@@ -215,8 +215,13 @@ class AutoencoderKL(nn.Module):
         z = dist.sample(generator, noise) if sample else dist.mode()
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor, slice_size: int | None = None) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, slice_size: int | None = None, tiled: bool = False) -> torch.Tensor:
+        """Latents on the diffusion model's scale -> images. tiled: in overlapping tiles of sample_size pixels
+        (models/vae_tiling.py: bounded memory at any size; diffusers' enable_vae_tiling)."""
         z = latents / self.config.scaling_factor + (self.config.shift_factor or 0.0)
+        if tiled:
+            from models.vae_tiling import tiled_decode
+            return torch.cat([tiled_decode(self, c) for c in z.split(slice_size or z.shape[0])], dim=0)
         return self.decode(z, slice_size)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

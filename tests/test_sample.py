@@ -106,3 +106,17 @@ def test_default_size_is_the_models_own(tiny_diffusers_folder, tmp_path):
     assert Image.open(tmp_path / "out" / "000_00.png").size == (16, 16)
     assert (manifest[0]["width"], manifest[0]["height"]) == (16, 16)
     assert "Size: 16x16" in Image.open(tmp_path / "out" / "000_00.png").text["parameters"]
+
+
+def test_vae_tiling_equals_diffusers(tiny_diffusers_folder):
+    """generate(vae_tiling=True) at 64x64 (the tiny VAE's tiles are 32 px): diffusers' enable_vae_tiling image."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_diffusers_folder), safety_checker=None)
+    pipe.vae.enable_tiling()
+    want = pipe(PROMPT, negative_prompt=NEG, num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+    sd = load_model(tiny_diffusers_folder)
+    got = generate(sd, PROMPT, NEG, steps=4, guidance_scale=6.0, seed=3, height=64, width=64, vae_tiling=True)
+    plain = generate(sd, PROMPT, NEG, steps=4, guidance_scale=6.0, seed=3, height=64, width=64)
+    assert (got - want).abs().max() <= 1e-4
+    assert (got - plain).abs().max() > 1e-4  # the tiles did change the decode
