@@ -422,3 +422,18 @@ def test_cuda_graphed_sdxl_sampling_equals_eager(tiny_sdxl_folder):
     d = generate(sd, "another prompt", NEG, cuda_graph=False, **kw)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, d, atol=1e-5)
     assert (a - c).abs().max() > 1e-2
+
+
+def test_sdxl_bad_inputs_are_named(tiny_sdxl_folder, tiny_diffusers_folder, tmp_path):
+    """An SDXL folder without its second text encoder, and an SDXL LoRA given to SD1.5, each name what is wrong."""
+    import shutil
+
+    from lora.io import LoRAFileError, load_lora, save_lora
+    cut = tmp_path / "no_te2"
+    shutil.copytree(tiny_sdxl_folder, cut)
+    shutil.rmtree(cut / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match="no_te2 has an SDXL UNet but no text_encoder_2/"):
+        load_model(cut)
+    f = save_lora(_sdxl_with_lora(tiny_sdxl_folder).parts, tmp_path / "xl.safetensors")
+    with pytest.raises(LoRAFileError, match="xl.safetensors.*SDXL LoRA"):
+        load_lora(load_model(tiny_diffusers_folder).parts, f)
