@@ -33,6 +33,14 @@ import training.config  # noqa: F401  (registers ${root:})
 A1111_SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
 
 
+def sdxl_size_conditioning(cfg: DictConfig) -> dict:
+    """original_size / crop_top_left / target_size as (h, w) tuples, for SDXL (ignored by SD1.x/2.x)."""
+    out = {k: tuple(cfg[k]) for k in ("original_size", "target_size") if cfg.get(k)}
+    if cfg.get("crop_top_left"):
+        out["crop_top_left"] = tuple(cfg.crop_top_left)
+    return out
+
+
 def check_settings(cfg: DictConfig) -> list[str]:
     """Fail before any loading: bad numbers, unknown sampler, missing files. Returns the prompts."""
     if cfg.steps < 1:
@@ -111,7 +119,7 @@ def run(cfg: DictConfig) -> list[dict]:
                           clip_skip=cfg.clip_skip, long_prompt=cfg.long_prompt, init_image=init,
                           strength=cfg.strength if init is not None else 1.0,
                           callback=lambda *_: bar.update(1), cuda_graph=cfg.get("cuda_graph", True),
-                          vae_tiling=cfg.get("vae_tiling", False))
+                          vae_tiling=cfg.get("vae_tiling", False), **sdxl_size_conditioning(cfg))
         for j, image in enumerate(images):
             settings = {"Steps": cfg.steps, "Sampler": sampler_name, "CFG scale": cfg.guidance_scale,
                         "Seed": cfg.seed, "Batch index": j, "Size": f"{width}x{height}",

@@ -52,11 +52,14 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              width: int = 512, clip_skip: int = 1, long_prompt: str = "truncate",
              init_image: torch.Tensor | None = None, strength: float = 1.0,
              callback: Callable | None = None, decode_slice: int | None = None, vae_tiling: bool = False,
-             cuda_graph: bool = True) -> torch.Tensor:
+             cuda_graph: bool = True, original_size: tuple[int, int] | None = None,
+             crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None) -> torch.Tensor:
     """One prompt, `num_images` images (N, 3, H, W) in [0, 1], float32 on the CPU.
 
     init_image: (1 or N, 3, H, W) in [-1, 1] for img2img with `strength`.
     decode_slice / vae_tiling: decode that many images at a time / each in overlapping tiles (less memory).
+    original_size, crop_top_left, target_size: SDXL's size and crop conditioning, (h, w) each (diffusers'
+    arguments of the same names; default: the image's size, uncropped), for the prompt and the negative prompt.
     cuda_graph: on a CUDA device, replay the UNet from a CUDA graph (models/cuda_graph.py): the same
     numbers, without the per-kernel launch cost.
     """
@@ -83,7 +86,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                 c[k] = v.repeat(num_images, *[1] * (v.ndim - 1))
         added = added_un = None
         if "pooled" in cond:  # SDXL: the image's size, uncropped, for both halves (diffusers' defaults)
-            ids = conditioning.time_ids((height, width), (0, 0), (height, width)).to(device, sd.unet.dtype)
+            ids = conditioning.time_ids(original_size or (height, width), crop_top_left,
+                                        target_size or (height, width)).to(device, sd.unet.dtype)
             ids = ids.expand(num_images, -1)
             added = conditioning.added_cond(cond, ids)
             added_un = conditioning.added_cond(uncond, ids)

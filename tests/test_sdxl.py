@@ -399,16 +399,20 @@ def test_sample_py_with_an_sdxl_lora(tiny_sdxl_folder, tmp_path):
     from test_sample import _cfg
     f = save_lora(_sdxl_with_lora(tiny_sdxl_folder).parts, tmp_path / "xl.safetensors")
     cfg = _cfg([f"model.path={tiny_sdxl_folder}", f"out_dir={tmp_path / 'out'}", "steps=3", "height=32", "width=32",
-                f'prompts=["{PROMPT}"]', "guidance_scale=5.0", f"loras=[{{path: {f}, weight: 1.0}}]"])
+                f'prompts=["{PROMPT}"]', "guidance_scale=5.0", f"loras=[{{path: {f}, weight: 1.0}}]",
+                "original_size=[64,48]", "crop_top_left=[4,2]"])
     sample.run(cfg)
     ref = load_model(tiny_sdxl_folder)
     load_lora(ref.parts, f)
-    img = generate(ref, PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0, seed=cfg.seed, height=32, width=32)
+    img = generate(ref, PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0, seed=cfg.seed, height=32, width=32,
+                   original_size=(64, 48), crop_top_left=(4, 2))
     png = torch.tensor(np.array(Image.open(tmp_path / "out" / "000_00.png"))).permute(2, 0, 1) / 255
     assert (png - img[0]).abs().max() <= 1 / 255 + 1e-6
     plain = generate(load_model(tiny_sdxl_folder), PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0,
                      seed=cfg.seed, height=32, width=32)
     assert (plain - img).abs().max() > 0.02  # the LoRA changed the picture
+    uncond = generate(ref, PROMPT, cfg.negative_prompt, steps=3, guidance_scale=5.0, seed=cfg.seed, height=32, width=32)
+    assert (uncond - img).abs().max() > 3 / 255  # and sample.py passed the size conditioning on
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
@@ -437,3 +441,18 @@ def test_sdxl_bad_inputs_are_named(tiny_sdxl_folder, tiny_diffusers_folder, tmp_
     f = save_lora(_sdxl_with_lora(tiny_sdxl_folder).parts, tmp_path / "xl.safetensors")
     with pytest.raises(LoRAFileError, match="xl.safetensors.*SDXL LoRA"):
         load_lora(load_model(tiny_diffusers_folder).parts, f)
+
+
+def test_size_and_crop_conditioning_at_inference_equal_diffusers(tiny_sdxl_folder):
+    """original_size / crops_coords_top_left / target_size as diffusers takes them (SDXL's micro-conditioning)."""
+    ref = _pipe(tiny_sdxl_folder)
+    cond = dict(original_size=(128, 96), target_size=(64, 48))
+    want = ref(PROMPT, negative_prompt=NEG, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+               crops_coords_top_left=(8, 4), generator=torch.Generator().manual_seed(1), output_type="pt",
+               **cond).images
+    sd = load_model(tiny_sdxl_folder)
+    got = generate(sd, PROMPT, NEG, steps=4, guidance_scale=5.0, seed=1, height=32, width=32, crop_top_left=(8, 4),
+                   **cond)
+    plain = generate(sd, PROMPT, NEG, steps=4, guidance_scale=5.0, seed=1, height=32, width=32)
+    assert (got - want).abs().max() <= 2e-4
+    assert (got - plain).abs().max() > 1e-3
