@@ -5,8 +5,10 @@ and fills every parameter with random values, so no comparison can pass on zero-
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 TEXT_DIM = 32
 
@@ -113,3 +115,19 @@ def tiny_sdxl_folder(tmp_path_factory):
                                      scheduler=sched, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """8 images 16x16: a red square at a fixed place for the subject; captions in v1/v4."""
+    root = tmp_path_factory.mktemp("data") / "subject"
+    for v in ("v1", "v4"):
+        (root / "captions" / v).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        a = (rng.random((16, 16, 3)) * 60 + 40).astype(np.uint8)
+        a[4:12, 4:12] = (220, 30, 30)
+        Image.fromarray(a).save(root / f"{i:02d}.png")
+        (root / "captions" / "v1" / f"{i:02d}.txt").write_text("J3NN13")
+        (root / "captions" / "v4" / f"{i:02d}.txt").write_text(f"J3NN13, close-up, tag{i % 3}")
+    return root

@@ -2,7 +2,7 @@
 channels_last, torch.compile (CPU), and on a GPU the CUDA-graphed training step and sampler."""
 import pytest
 import torch
-from test_train import lora_file, make_cfg, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from test_train import lora_file, make_cfg
 
 from training.loop import Trainer
 

@@ -92,7 +92,7 @@ def test_diffusers_peft_file_loads_in_ours(tiny_diffusers_folder, tmp_path, prob
 
 def test_diffusers_kohya_conversion_reads_back(tiny_diffusers_folder, tmp_path, probe):
     """diffusers' own kohya writer (convert_state_dict_to_kohya) is an independent name map."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     ids, x = probe
     sd = _with_lora(tiny_diffusers_folder, alpha=4.0)  # alpha = rank: diffusers' writer assumes it
     peft_sd = {}

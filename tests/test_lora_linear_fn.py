@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from lora.layers import LoRALayer
-from test_train import tiny_data  # noqa: F401  (a fixture)
 
 
 def _layer(p, bias=True):

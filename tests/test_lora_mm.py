@@ -6,7 +6,7 @@ and on CUDA at the 64x64 level's batch-8 size."""
 import pytest
 
 pytest.importorskip("triton")
-from triton_helpers import compile_for_h100, count_calls, run_interpreted  # noqa: E402
+from triton_helpers import compile_for_h100, run_interpreted  # noqa: E402
 
 SCRIPT = r'''
 import sys

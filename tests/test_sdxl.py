@@ -193,7 +193,7 @@ def test_sd15_lora_refused_by_sdxl(tiny_diffusers_folder, tiny_sdxl_folder, tmp_
 
 # ---------------------------------------------------------------- training
 
-from test_train import make_cfg, tiny_data  # noqa: E402,F401  (the 16x16 subject folder and the config)
+from test_train import make_cfg  # noqa: E402  (the config test_train.py's runs use; tiny_data: conftest.py)
 
 
 def _fixed_loss_sdxl(tr):

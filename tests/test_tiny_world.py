@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 
 from data.folder import scan_folder
@@ -14,7 +12,6 @@ from data.procedural import TRIGGER, captions, make_image
 from experiments.tiny_world import build
 from experiments.tiny_world.identity import load_identity, subject_score
 from models.load import load_model
-from models.pipeline import generate
 from training.config import ROOT
 
 ASSETS = ROOT / "assets"
