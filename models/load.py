@@ -315,19 +315,14 @@ def _vae_from_ldm(sd: dict, vcfg: VAEConfig, path: Path, consumed: set) -> Autoe
 def _text_from_ldm(sd: dict, part: str, kind: str, tcfg: dict, consumed: set, path: Path) -> dict:
     """One text encoder's weights out of a single file, in published (`text_model.*`) names.
     kind: sd1 | sd2 | sdxl (models/sd2_layout.py, models/sdxl_layout.py)."""
-    if kind == "sd2":  # OpenCLIP ViT-H, its last layer and projection unused by SD2
-        own = {k[len(sd2_layout.TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(sd2_layout.TEXT_PREFIX)}
-        consumed.update(sd2_layout.TEXT_PREFIX + k for k in own)
-        try:
-            return sd2_layout.text_from_openclip(own, tcfg["num_hidden_layers"], f"{path} (text_encoder)")[0]
-        except KeyError as e:
-            raise CheckpointError(str(e)) from None
-    if kind == "sdxl" and part == "text_encoder_2":  # OpenCLIP names
-        prefix = sdxl_layout.TEXT2_PREFIX
+    openclip = {"sd2": sd2_layout.TEXT_PREFIX, "sdxl": sdxl_layout.TEXT2_PREFIX if part == "text_encoder_2" else None}
+    if openclip.get(kind):  # SD2's ViT-H (23 of its 24 blocks, no projection) or SDXL's bigG
+        prefix = openclip[kind]
         own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         consumed.update(prefix + k for k in own)
         try:
-            return openclip_keys.to_hf(own, f"{path} (text_encoder_2)")
+            return openclip_keys.to_hf(own, f"{path} ({part})", tcfg["num_hidden_layers"] if kind == "sd2" else None,
+                                       projection=text.has_projection(tcfg))
         except KeyError as e:
             raise CheckpointError(str(e)) from None
     prefix = sdxl_layout.TEXT1_PREFIX if kind == "sdxl" else ldm_keys.TEXT_PREFIX
@@ -407,18 +402,19 @@ def to_ldm_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
     for ours, ldm in ldm_keys.map_keys(vsd, ldm_keys.vae_prefix_map(sd.vae.config), ldm_keys.VAE_PREFIX).items():
         t = vsd[ours]
         out[ldm] = t[:, :, None, None] if ldm_keys.is_vae_attention_conv(ldm) and t.ndim == 2 else t
-    if sd.text_encoder_2 is None and text.is_openclip(sd.text_encoder.config):  # SD2.x
-        for k, v in openclip_keys.from_hf(text.to_published(sd.text_encoder.state_dict(), sd.text_encoder)).items():
-            out[sd2_layout.TEXT_PREFIX + k] = v
-    elif sd.text_encoder_2 is None:
-        for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
-            out[ldm_keys.TEXT_PREFIX + k] = v
+    if sd.text_encoder_2 is None:  # SD1.x (OpenAI CLIP), SD2.x (OpenCLIP ViT-H)
+        out.update(_text_to_ldm(sd.text_encoder, sd2_layout.TEXT_PREFIX if text.is_openclip(sd.text_encoder.config)
+                                else ldm_keys.TEXT_PREFIX))
     else:  # SDXL: CLIP-L in transformers' names, OpenCLIP bigG in its own
-        for k, v in text.to_published(sd.text_encoder.state_dict(), sd.text_encoder).items():
-            out[sdxl_layout.TEXT1_PREFIX + k] = v
-        for k, v in openclip_keys.from_hf(text.to_published(sd.text_encoder_2.state_dict(), sd.text_encoder_2)).items():
-            out[sdxl_layout.TEXT2_PREFIX + k] = v
+        out.update(_text_to_ldm(sd.text_encoder, sdxl_layout.TEXT1_PREFIX))
+        out.update(_text_to_ldm(sd.text_encoder_2, sdxl_layout.TEXT2_PREFIX))
     return out
+
+
+def _text_to_ldm(te: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A text encoder's weights under a single file's prefix: OpenCLIP towers in OpenCLIP names."""
+    pub = text.to_published(te.state_dict(), te)
+    return {prefix + k: v for k, v in (openclip_keys.from_hf(pub) if text.is_openclip(te.config) else pub).items()}
 
 
 def save_single_file(sd: StableDiffusion, path: str | Path, dtype=None, metadata: dict | None = None) -> Path:

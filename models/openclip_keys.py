@@ -27,8 +27,12 @@ _BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_a
 IGNORED = ("logit_scale",)
 
 
-def to_hf(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """OpenCLIP names (prefix removed) -> CLIPTextModelWithProjection's published names. Unknown keys raise."""
+def to_hf(sd: dict[str, torch.Tensor], source: str = "checkpoint", num_layers: int | None = None,
+          projection: bool = True) -> dict[str, torch.Tensor]:
+    """OpenCLIP names (prefix removed) -> CLIPTextModelWithProjection's published names. Unknown keys raise.
+    num_layers: keep the first n blocks only; projection=False: drop text_projection. SD2.x reads the penultimate
+    layer, so its published text_encoder/ (a CLIPTextModel) has 23 of ViT-H's 24 blocks and no projection, as
+    diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE leaves them out."""
     out = {}
     for k, v in sd.items():
         if k in IGNORED:
@@ -36,7 +40,11 @@ def to_hf(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, 
         if k in _TOP:
             out[_TOP[k]] = v
         elif k == "text_projection":
-            out["text_projection.weight"] = v.T.contiguous()
+            if projection:
+                out["text_projection.weight"] = v.T.contiguous()
+        elif (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)) and num_layers is not None \
+                and int(m.group(1)) >= num_layers:
+            continue
         elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", k):
             i, part, kind = m.groups()
             if part in _BLOCK:

@@ -3,19 +3,13 @@
 Single files (Stability's ldm `LatentDiffusion` with FrozenOpenCLIPEmbedder):
     model.diffusion_model.*       the UNet, LDM names (models/ldm_keys.py)
     first_stage_model.*           the VAE, LDM names
-    cond_stage_model.model.*      OpenCLIP ViT-H/14's text tower, OpenCLIP names (models/openclip_keys.py); SD2
-                                  reads its penultimate layer, so the published text_encoder/ has 23 of the 24
-                                  layers and no projection: resblocks.23, text_projection and logit_scale are
-                                  left out, as diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE does.
+    cond_stage_model.model.*      OpenCLIP ViT-H/14's text tower, OpenCLIP names (models/openclip_keys.py: its
+                                  last block and projection are left out, as SD2's text_encoder/ has neither)
 The configs are stabilityai/stable-diffusion-2-1's (768x768, v-prediction), used when a single file comes without
 `config=<diffusers folder>`: the weights cannot tell 2.1 from 2.1-base (512, epsilon), and diffusers assumes 2.1
 as well. The tokenizer pads with "!".
 """
 from __future__ import annotations
-
-import re
-
-from models import openclip_keys
 
 TEXT_PREFIX = "cond_stage_model.model."
 PAD_TOKEN = "!"
@@ -31,10 +25,3 @@ SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "
              "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
              "skip_prk_steps": True, "clip_sample": False, "prediction_type": "v_prediction", "trained_betas": None}
 
-
-def text_from_openclip(own: dict, num_layers: int, source: str) -> tuple[dict, list[str]]:
-    """cond_stage_model.model.* (prefix removed) -> published CLIPTextModel names for the first `num_layers`
-    layers; -> (state dict, the OpenCLIP keys it leaves out on purpose)."""
-    skipped = [k for k in own if k in ("text_projection", "logit_scale") or
-               ((m := re.match(r"transformer\.resblocks\.(\d+)\.", k)) and int(m.group(1)) >= num_layers)]
-    return openclip_keys.to_hf({k: v for k, v in own.items() if k not in skipped}, source), skipped

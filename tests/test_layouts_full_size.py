@@ -68,9 +68,9 @@ def test_sd21_unet_and_text_names_match_diffusers():
     published = {sd2_layout.TEXT_PREFIX + k: v for k, v in {**oc, **last}.items()}
     published[sd2_layout.TEXT_PREFIX + "text_projection"] = torch.empty(1024, 1024, device="meta")
     published[sd2_layout.TEXT_PREFIX + "logit_scale"] = torch.empty((), device="meta")
-    ours_read, skipped = sd2_layout.text_from_openclip(
-        {k[len(sd2_layout.TEXT_PREFIX):]: v for k, v in published.items()}, 23, "SD2.1")
-    assert len(skipped) == len(last) + 2
+    ours_read = openclip_keys.to_hf({k[len(sd2_layout.TEXT_PREFIX):]: v for k, v in published.items()}, "SD2.1",
+                                    num_layers=23, projection=False)
+    assert not any(".layers.23." in k for k in ours_read) and "text_projection.weight" not in ours_read
     theirs = convert_open_clip_checkpoint(te, published)  # drops the same keys (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE)
     theirs.pop("text_projection.weight", None)         # (which CLIPTextModel has no place for)
     assert {k: tuple(v.shape) for k, v in ours_read.items()} == {k: tuple(v.shape) for k, v in theirs.items()}

@@ -285,6 +285,9 @@ def test_time_ids_follow_the_crop_and_flip(tmp_path):
         want = torch.from_numpy(scaled[top:top + 16, left:left + 16].copy()).permute(2, 0, 1).float() / 127.5 - 1
         assert torch.equal(s["pixels"], want)
         lefts.add(left)
+        # the same draw flipped: the crop's left edge measured from the other side of the 32-wide scaled image
+        f = ImageCaptionDataset(items, resolution=16, size_conditioning=True, crop="random", seed=seed, flip_p=1.0)[0]
+        assert int(f["time_ids"][2]) == top and int(f["time_ids"][3]) == 32 - left - 16
     assert len(lefts) > 1
 
 
