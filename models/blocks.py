@@ -111,12 +111,17 @@ class Upsample2D(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              upcast: bool = False) -> torch.Tensor:
+              upcast: bool = False, short_kernel: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention on (B, N, heads*d) tensors -> (B, N, heads*d).
 
     Vaswani et al. 2017, eq. 1, through torch's fused SDPA kernels. `upcast` computes in fp32
-    (SD2.1's `upcast_attention`, which avoids fp16 overflow in the softmax).
+    (SD2.1's `upcast_attention`, which avoids fp16 overflow in the softmax). `short_kernel`: at most 128 keys
+    (cross-attention's text tokens) go through models/short_attention.py's Triton kernels where usable.
     """
+    if short_kernel and not upcast:
+        from models import short_attention  # Triton: imported only where asked for
+        if short_attention.usable(q, k, heads) and v.dtype == q.dtype:
+            return short_attention.short_attention(q, k, v, heads)
     b, n, inner = q.shape
     d = inner // heads
     dtype = q.dtype

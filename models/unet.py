@@ -148,6 +148,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
 
     fused_projections = False   # set_fused_projections(): one matmul for q, k, v (self) or k, v (cross)
+    short_kernel = False        # set_short_attention(): <= 128 keys in Triton kernels (models/short_attention.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused_projections:
@@ -155,7 +156,7 @@ class Attention(nn.Module):
         else:
             context = x if context is None else context           # (B, M, Dc)
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        out = attention(q, k, v, self.heads, self.upcast)
+        out = attention(q, k, v, self.heads, self.upcast, self.short_kernel)
         return self.to_out[1](self.to_out[0](out))                # (B, N, D)
 
     def _fused_qkv(self, x, context):
@@ -411,14 +412,22 @@ class UNet2DConditionModel(nn.Module):
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm
-        (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, the NHWC upsampling, as the training
-        step uses them. Off: NCHW and torch's kernels."""
+        (+SiLU) in the NHWC Triton kernels, the fused GEGLU and LayerNorms, the NHWC upsampling, the short-key
+        attention kernels, as the training step uses them. Off: NCHW and torch's kernels."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_norms_in_weight_dtype(enabled, nhwc=enabled)
         self.set_fused_geglu(enabled)
         self.set_fused_layer_norms(enabled)
         self.set_nhwc_upsampling(enabled)
         self.set_bias_folding(enabled)
+        self.set_short_attention(enabled)
+
+    def set_short_attention(self, enabled: bool = True) -> None:
+        """Attention over at most 128 keys (cross-attention's text tokens) in one Triton kernel each way
+        (models/short_attention.py) where usable (CUDA fp16/bf16, head dim <= 128); torch's SDPA otherwise."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.short_kernel = enabled
 
     def set_bias_folding(self, enabled: bool = True) -> None:
         """Convolution biases folded into the operations next to them (models/bias_folding.py): the spatial

@@ -118,6 +118,8 @@ class Trainer:
             self.sd.unet.set_bias_folding(True)
         if ours and self.channels_last and on("nhwc_upsample"):
             self.sd.unet.set_nhwc_upsampling(True)
+        if ours and on("short_attention"):
+            self.sd.unet.set_short_attention(True)
         from lora import dropout_down, lora_mm  # (here: they import Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
         lora_mm.enabled = ours and on("triton_lora_gemm")

@@ -21,7 +21,7 @@ _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half
         "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false",
         "train.fold_biases": "false", "train.fused_lora_backward": "false",
         "train.triton_lora_dropout": "false", "train.fused_layer_norms": "false", "train.nhwc_upsample": "false",
-        "train.triton_lora_gemm": "false"}
+        "train.triton_lora_gemm": "false", "train.short_attention": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -40,7 +40,8 @@ MODES = {  # name -> train.* overrides
     "cl_hn_triton": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1),  # session 5's default, eagerly
     "eager_default": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1, cast_lora_once=1,
                            fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1,
-                           fused_layer_norms=1, nhwc_upsample=1, triton_lora_gemm=1),  # the default, launched eagerly
+                           fused_layer_norms=1, nhwc_upsample=1, triton_lora_gemm=1,
+                           short_attention=1),  # the default, launched eagerly
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -54,6 +55,7 @@ MODES = {  # name -> train.* overrides
     "default_no_fused_ln": ["train.fused_layer_norms=false"],  # torch's LayerNorm and residual adds
     "default_no_upsample": ["train.nhwc_upsample=false"],      # torch's nearest upsampling kernel
     "default_no_lora_gemm": ["train.triton_lora_gemm=false"],  # cuBLAS + a second GEMM / masked add for the LoRA term
+    "default_no_short_attention": ["train.short_attention=false"],  # cuDNN's SDPA for cross-attention too
     "default_all_algos": ["train.cudnn_benchmark_limit=0"],    # cuDNN times every convolution algorithm
     "session6": ["train.fused_layer_norms=false", "train.nhwc_upsample=false"],  # session 6's default (+ bf16 upsampling)
     "session5": ["train.cast_lora_once=false", "train.fold_biases=false", "train.fused_lora_backward=false",
