@@ -36,8 +36,13 @@ def file_hash(path: Path) -> str:
 
 
 class LatentCache:
-    def __init__(self, vae, cache_dir: str | Path | None = None, device=None, batch_size: int = 8):
+    def __init__(self, vae, cache_dir: str | Path | None = None, device=None, batch_size: int = 8,
+                 batch_pixels: int = 8 * 512 * 512):
+        """batch_size images per VAE call, fewer where they hold more than batch_pixels half-precision pixels
+        together (fp32 counts twice): 1024x1024 in fp32 (SDXL's VAE) goes one at a time, where a batch of 8 asked
+        for a 4 GiB activation."""
         self.vae, self.device, self.batch_size = vae, device or vae.encoder.conv_in.weight.device, batch_size
+        self.batch_pixels = batch_pixels
         self.vae_id = module_fingerprint(vae, vae.config.to_dict())
         self.dir = Path(cache_dir) if cache_dir else None
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -71,20 +76,25 @@ class LatentCache:
             by_size: dict[tuple, list] = {}
             for i, f in chunk:
                 by_size.setdefault(ds.bucket_of[i], []).append((i, f))
-            for group in by_size.values():
-                x = torch.stack([ds.pixels(i, f) for i, f in group]).to(self.device, self.vae.dtype)
-                dist = self.vae.encode(x)
-                std = torch.exp(0.5 * dist.logvar)
-                for j, (i, f) in enumerate(group):
-                    key = self.key(ds, i, f)
-                    entry = (dist.mean[j].float().cpu(), std[j].float().cpu())
-                    self.memory[key] = entry
-                    if self.dir is not None:
-                        write_safetensors({"mean": entry[0], "std": entry[1]}, self.dir / f"{key}.safetensors")
+            for (w, h), whole in by_size.items():
+                n = max(1, self.batch_pixels * 2 // (w * h * self.vae.dtype.itemsize))
+                for group in (whole[g:g + n] for g in range(0, len(whole), n)):
+                    self._encode(ds, group)
             self.computed += len(chunk)
             if progress:
                 progress(len(chunk))
         return len(todo)
+
+    def _encode(self, ds, group: list[tuple[int, bool]]) -> None:
+        x = torch.stack([ds.pixels(i, f) for i, f in group]).to(self.device, self.vae.dtype)
+        dist = self.vae.encode(x)
+        std = torch.exp(0.5 * dist.logvar)
+        for j, (i, f) in enumerate(group):
+            key = self.key(ds, i, f)
+            entry = (dist.mean[j].float().cpu(), std[j].float().cpu())
+            self.memory[key] = entry
+            if self.dir is not None:
+                write_safetensors({"mean": entry[0], "std": entry[1]}, self.dir / f"{key}.safetensors")
 
     def get(self, ds, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._load(self.key(ds, index, flip))

@@ -13,8 +13,10 @@ from experiments.images import a1111_parameters, save_png
 
 
 def ensure_class_images(sd, class_dir: str | Path, prompt: str, count: int, size: int, seed: int = 0,
-                        steps: int = 30, guidance_scale: float = 6.0, batch: int = 4, progress=None) -> int:
-    """Generate images until `class_dir` has `count`. Returns how many were made."""
+                        steps: int = 30, guidance_scale: float = 6.0, batch: int = 4, progress=None,
+                        **generate_kw) -> int:
+    """Generate images until `class_dir` has `count`. Returns how many were made. generate_kw: more of
+    models.pipeline.generate's arguments (offload, decode_slice, ...)."""
     from models.pipeline import generate
     folder = Path(class_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -24,7 +26,7 @@ def ensure_class_images(sd, class_dir: str | Path, prompt: str, count: int, size
         n = min(batch, count - have - made)
         s = seed + have + made
         images = generate(sd, prompt, "", steps=steps, guidance_scale=guidance_scale, seed=s, num_images=n,
-                          height=size, width=size)
+                          height=size, width=size, **generate_kw)
         for j, img in enumerate(images):
             k = have + made + j
             save_png(img, folder / f"gen_{k:05d}.png", a1111_parameters(prompt, "", {"Steps": steps, "Seed": s,

@@ -53,7 +53,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              init_image: torch.Tensor | None = None, strength: float = 1.0,
              callback: Callable | None = None, decode_slice: int | None = None, vae_tiling: bool = False,
              cuda_graph: bool = True, original_size: tuple[int, int] | None = None,
-             crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None) -> torch.Tensor:
+             crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+             offload: str | torch.device | None = None) -> torch.Tensor:
     """One prompt, `num_images` images (N, 3, H, W) in [0, 1], float32 on the CPU.
 
     init_image: (1 or N, 3, H, W) in [-1, 1] for img2img with `strength`.
@@ -62,6 +63,9 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     arguments of the same names; default: the image's size, uncropped), for the prompt and the negative prompt.
     cuda_graph: on a CUDA device, replay the UNet from a CUDA graph (models/cuda_graph.py): the same
     numbers, without the per-kernel launch cost.
+    offload: a device; the model waits in host memory and each part comes to it only for its stage (text
+    encoders, UNet, VAE), as diffusers' enable_model_cpu_offload: SDXL's 6.6 GiB of weights never sit on an
+    8 GB card together. The same numbers; no CUDA graph (the UNet's weights move between calls).
     """
     f = sd.vae.scale_factor
     if height % f or width % f:
@@ -70,15 +74,16 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     fn = get_sampler(sampler)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
-    device = sd.unet.conv_in.weight.device
-    unet = graphed_unet(sd.unet) if cuda_graph and device.type == "cuda" else sd.unet
+    device = torch.device(offload) if offload is not None else sd.unet.conv_in.weight.device
+    unet = graphed_unet(sd.unet) if cuda_graph and offload is None and device.type == "cuda" else sd.unet
     # with a graph, all of the call runs on the graph's stream: one cuBLAS workspace, as eager sampling keeps
     with on_stream(unet.stream if isinstance(unet, GraphedUNet) else None):
-        cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
-        if not negative_prompt and sd.force_zeros_for_empty_prompt:  # SDXL base: no negative prompt = zeros
-            uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
-        else:
-            uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
+        with parts_on(offload, *sd.text_encoders.values()):
+            cond = encode_prompts(sd, [prompt], clip_skip, long_prompt)
+            if not negative_prompt and sd.force_zeros_for_empty_prompt:  # SDXL base: no negative prompt = zeros
+                uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+            else:
+                uncond = encode_prompts(sd, [negative_prompt], clip_skip, long_prompt)
         n_tok = max(cond["ctx"].shape[1], uncond["ctx"].shape[1])
         for c in (cond, uncond):
             c["ctx"] = _pad_to(c["ctx"], n_tok)
@@ -97,15 +102,34 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         shape = (num_images, sd.unet.config.in_channels, height // f, width // f)
         x0 = None
         if init_image is not None:
-            with upcast_vae(sd.vae) as vae:
+            with parts_on(offload, sd.vae), upcast_vae(sd.vae) as vae:
                 x0 = vae.encode_latents(init_image.to(device, vae.dtype).expand(num_images, -1, -1, -1),
                                         generator=g).float()
         noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
         opts = {**sampler_defaults(sd, sampler), **(sampler_options or {})}
-        latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback, **opts)
-        with upcast_vae(sd.vae) as vae:
+        with parts_on(offload, sd.unet):
+            latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback,
+                         **opts)
+        with parts_on(offload, sd.vae), upcast_vae(sd.vae) as vae:
             images = vae.decode_latents(latents.to(vae.dtype), slice_size=decode_slice, tiled=vae_tiling)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+@contextlib.contextmanager
+def parts_on(device, *modules):
+    """With a device: the modules on it for the duration, then back in host memory (None: as they are)."""
+    if device is None:
+        yield
+        return
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

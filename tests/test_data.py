@@ -183,6 +183,7 @@ class _CountingVAE(torch.nn.Module):
 
     def encode(self, x):
         self.calls += x.shape[0]
+        self.batches = getattr(self, "batches", []) + [x.shape[0]]
         return self.inner.encode(x)
 
 
@@ -207,6 +208,25 @@ def test_latent_cache_keys_memory_and_disk(folder, tmp_path):
     assert LatentCache(vae, tmp_path / "cache").fill(ds) == 8
     with pytest.raises(ValueError, match="crop=center"):
         LatentCache(vae).fill(ImageCaptionDataset(items, resolution=16, crop="random"))
+
+
+def test_latent_cache_splits_batches_by_pixels(folder):
+    """At most batch_pixels half-precision pixels per VAE call, fp32 counting twice (SDXL's fp32 VAE at 1024x1024:
+    one image per call), the same latents as whole batches."""
+    items, _ = scan_folder(folder)
+    ds = ImageCaptionDataset(items, resolution=16, flip_p=0.5)
+    whole, split = _CountingVAE(), _CountingVAE()
+    split.load_state_dict(whole.state_dict())
+    a, b = LatentCache(whole), LatentCache(split, batch_pixels=3 * 16 * 16)   # fp32: 3 * 2 / 4 -> 1 per call
+    a.fill(ds), b.fill(ds)
+    assert whole.batches == [8] and split.batches == [1] * 8, (whole.batches, split.batches)
+    for i in range(len(ds)):
+        for flip in (False, True):
+            (m1, s1), (m2, s2) = a.get(ds, i, flip), b.get(ds, i, flip)
+            assert torch.allclose(m1, m2, atol=1e-5) and torch.allclose(s1, s2, atol=1e-5)
+    c = LatentCache(_CountingVAE(), batch_pixels=4 * 16 * 16)                # 4 * 2 / 4 -> 2 per call
+    c.fill(ds)
+    assert c.vae.batches == [2] * 4
 
 
 def test_text_cache_encodes_each_caption_once():

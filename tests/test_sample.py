@@ -120,3 +120,24 @@ def test_vae_tiling_equals_diffusers(tiny_diffusers_folder):
     plain = generate(sd, PROMPT, NEG, steps=4, guidance_scale=6.0, seed=3, height=64, width=64)
     assert (got - want).abs().max() <= 1e-4
     assert (got - plain).abs().max() > 1e-4  # the tiles did change the decode
+
+
+def test_offload_moves_each_part_for_its_stage_and_changes_nothing(tiny_sdxl_folder, monkeypatch):
+    """generate(offload=device): the text encoders, then the UNet, then the VAE come to the device and go back to
+    host memory, each only for its stage (diffusers' enable_model_cpu_offload order), and the images are the
+    same. On a CPU both places are the same memory: this checks the order, the GPU bench the memory."""
+    sd = load_model(tiny_sdxl_folder)
+    want = generate(sd, "a cat", steps=3, height=64, width=64, num_images=2, seed=1)
+    names = {id(m): n for n, m in [("te1", sd.text_encoder), ("te2", sd.text_encoder_2), ("unet", sd.unet),
+                                   ("vae", sd.vae)]}
+    moves, real_to = [], torch.nn.Module.to
+
+    def spy(self, *a, **k):
+        if id(self) in names:
+            moves.append((names[id(self)], str(a[0]) if a else str(k.get("device"))))
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    got = generate(sd, "a cat", steps=3, height=64, width=64, num_images=2, seed=1, offload="cpu")
+    stages = [n for n, _ in moves]
+    assert stages == ["te1", "te2", "te1", "te2", "unet", "unet", "vae", "vae"], moves
+    assert torch.equal(got, want)

@@ -57,8 +57,10 @@ def test_short_run_writes_everything_and_only_lora_changes(tiny_diffusers_folder
 def test_idle_vae_and_text_encoder_are_parked_and_come_back_for_previews(tiny_diffusers_folder, tiny_data,
                                                                          tmp_path, monkeypatch):
     """train.park_frozen: with latents and captions cached the step never touches the VAE or the text encoder;
-    they go to host memory after the caches are filled and come to the device only around previews.
-    (On a CPU both places are the same memory: this checks when they move, the GPU bench measures the saving.)"""
+    they go to host memory after the caches are filled and come to the device only around previews. The model
+    is then loaded into host memory (staged): the VAE and text encoder come to the device for the caches and
+    go back before the UNet comes. (On a CPU both places are the same memory: this checks when they move,
+    the GPU bench measures the saving.)"""
     moves = []
     real_to = torch.nn.Module.to
 
@@ -71,14 +73,21 @@ def test_idle_vae_and_text_encoder_are_parked_and_come_back_for_previews(tiny_di
     from models import load as load_mod
     real_load = load_mod.load_model
 
+    loaded_to = []
+
     def tagged(*a, **k):
+        loaded_to.append(str(k["device"]))
         sd = real_load(*a, **k)
-        sd.vae._spy_name, sd.text_encoder._spy_name = "vae", "te"
+        sd.vae._spy_name, sd.text_encoder._spy_name, sd.unet._spy_name = "vae", "te", "unet"
         return sd
     monkeypatch.setattr("training.loop.load_model", tagged)
     common = ["preview.every_steps=3", "preview.size=16", "preview.steps=2", "train.max_steps=6"]
     tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "p", *common, "train.park_frozen=true"))
-    assert tr.parked and moves == [("vae", "cpu"), ("te", "cpu")]
+    assert tr.parked and tr.staged and loaded_to == ["cpu"]
+    unet_moves = [i for i, m in enumerate(moves) if m[0] == "unet"]
+    # the VAE in (latents) and out with the text encoder; the text encoder in (captions) and out; then the UNet
+    assert moves[:6] == [("vae", "cpu"), ("vae", "cpu"), ("te", "cpu"), ("te", "cpu"), ("vae", "cpu"),
+                         ("te", "cpu")] and unet_moves == [6], moves
     moves.clear()
     for _ in range(2):
         tr.optimizer_step()
@@ -86,9 +95,20 @@ def test_idle_vae_and_text_encoder_are_parked_and_come_back_for_previews(tiny_di
     tr.preview()
     assert moves == [("vae", "cpu"), ("te", "cpu")] * 2     # to the run's device (cpu here) and back
     # not parked when a caption changes every epoch (the text encoder is needed in the step)
+    moves.clear()
     tr2 = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "q", *common, "train.park_frozen=true",
                            "data.shuffle_tags=true"))
-    assert not tr2.parked
+    assert not tr2.parked and not tr2.staged and not any(m[0] in ("vae", "te") for m in moves)
+    # staged with DreamBooth class images to generate: the pipeline offloads (each part on the device only for
+    # its stage) and decodes one image at a time
+    import data.class_images as ci
+    seen, real_ensure = [], ci.ensure_class_images
+    monkeypatch.setattr(ci, "ensure_class_images", lambda *a, **k: (seen.append(k), real_ensure(*a, **k))[1])
+    tr3 = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "r", *common, "train.park_frozen=true",
+                           f"data.class_dir={tmp_path / 'class'}", "data.class_prompt=a dog",
+                           "data.num_class_images=2"))
+    assert tr3.staged and seen == [{"offload": tr3.device, "decode_slice": 1}]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
 
 
 def test_the_step_encodes_images_in_the_vaes_dtype_like_the_cache(tiny_diffusers_folder, tiny_data, tmp_path,

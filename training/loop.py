@@ -74,8 +74,14 @@ class Trainer:
             base_dtype = torch.float32
 
         m = cfg.model
-        self.sd = load_model(m.path, dtype=base_dtype, device=self.device, vae=m.get("vae"),
-                             config=m.get("config"))
+        # Staged loading: when the VAE and text encoders will be parked (_build_data), the model is read into
+        # host memory and each part comes to the GPU only when used (the frozen ones to fill the caches, the
+        # UNet after), so their weights never sit on the GPU together: SDXL's 6.6 GiB of fp16/fp32 weights and
+        # a 1024-pixel VAE encode at once did not fit seed 004's 8 GB card; the UNet alone, 4.8 GiB, does.
+        self.staged = self._parking_wanted(cfg)
+        self.parked, self._frozen_nested = False, False
+        self.sd = load_model(m.path, dtype=base_dtype, device="cpu" if self.staged else self.device,
+                             vae=m.get("vae"), config=m.get("config"))
         if base_dtype == torch.float16 and self.sd.vae.config.force_upcast:
             self.sd.vae.float()  # SDXL's VAE overflows in fp16 (its config says so): encode in fp32, as diffusers does
         for mod in (self.sd.unet, self.sd.vae, *self.sd.text_encoders.values()):
@@ -83,7 +89,10 @@ class Trainer:
         d = cfg.data
         if d.get("class_dir") and d.get("num_class_images"):  # before any LoRA: the base's own prior
             from data.class_images import ensure_class_images
-            ensure_class_images(self.sd, d.class_dir, d.class_prompt, d.num_class_images, d.resolution, cfg.seed)
+            # staged: the parts come to the GPU one stage at a time, the images decoded one by one
+            staged = dict(offload=self.device, decode_slice=1) if self.staged else {}
+            ensure_class_images(self.sd, d.class_dir, d.class_prompt, d.num_class_images, d.resolution, cfg.seed,
+                                **staged)
         L = cfg.lora
         lkw = dict(dropout=L.dropout, rank_dropout=L.get("rank_dropout", 0.0),
                    module_dropout=L.get("module_dropout", 0.0), init=L.get("init", "kaiming"),
@@ -222,13 +231,33 @@ class Trainer:
         if d.get("class_dir"):  # DreamBooth prior preservation (Ruiz et al. 2023, arXiv:2208.12242, eq. 2)
             citems, _ = scan_folder(d.class_dir, missing_caption="trigger", trigger=d.class_prompt)
             self.prior = ImageCaptionDataset(citems, fixed_caption=d.class_prompt, **kw)
+        self.text_cache = None
+        self.parked = self.staged  # (staged: the frozen parts come to the GPU for the caches, then go back)
+        with self._frozen_on_device([self.sd.vae]):   # (staged: one part at a time on the GPU)
+            self._fill_latents(d, tc)
+        with self._frozen_on_device(list(self.sd.text_encoders.values())):
+            self._fill_text(d, tc)
+        # With latents and every caption's embedding cached, a step needs neither the VAE nor the text encoder:
+        # they wait in host memory (0.4 GB at SD1.5 size, as kohya's cache options do) and come back for
+        # previews and samples (_frozen_on_device).
+        self.parked = self._parking_wanted(self.cfg)
+        if self.parked and not self.staged:   # (staged: parked as the caches' context closed)
+            self._park()
+        if self.staged:
+            self.sd.unet.to(self.device)
+        self.plan = self.ds.batch_plan(tc.batch_size, drop_last=False)
+        self.batches_per_epoch = len(self.plan)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // tc.grad_accum)
+        self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
+
+    def _fill_latents(self, d, tc):
         if tc.cache_latents:
             cache = LatentCache(self.sd.vae, d.get("cache_dir"), self.device)
             attach_latent_cache(self.ds, cache)
             if self.prior is not None:
                 attach_latent_cache(self.prior, cache)
-        self.text_cache = None
-        self.parked = False  # set below, once the caches are full
+
+    def _fill_text(self, d, tc):
         if tc.cache_text and not self.train_te:
             self.text_cache = TextCache(lambda caps: {k: v.cpu() for k, v in self._encode_text(caps).items()})
             if not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0):  # captions fixed up front
@@ -237,19 +266,15 @@ class Trainer:
                     known.append(d.class_prompt)
                 with torch.no_grad():
                     self.text_cache.fill(known)
-        # With latents and every caption's embedding cached, a step needs neither the VAE nor the text encoder:
-        # they wait in host memory (0.4 GB at SD1.5 size, as kohya's cache options do) and come back for
-        # previews and samples (_frozen_on_device).
+
+    def _parking_wanted(self, cfg) -> bool:
+        """Both caches full before training with captions fixed up front (no tag shuffling, no caption dropout),
+        the text encoders not trained, and park_frozen on (auto: on CUDA)."""
+        tc, d = cfg.train, cfg.data
         park = tc.get("park_frozen", "auto")
-        self.parked = bool((park is True or (park == "auto" and self.device.type == "cuda")) and tc.cache_latents
-                           and self.text_cache is not None
-                           and not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0))
-        if self.parked:
-            self._park()
-        self.plan = self.ds.batch_plan(tc.batch_size, drop_last=False)
-        self.batches_per_epoch = len(self.plan)
-        self.steps_per_epoch = max(1, self.batches_per_epoch // tc.grad_accum)
-        self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
+        return bool((park is True or (park == "auto" and self.device.type == "cuda")) and tc.cache_latents
+                    and tc.cache_text and not cfg.lora.get("text_encoder")
+                    and not d.get("shuffle_tags", False) and not d.get("caption_dropout", 0.0))
 
     def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """-> {"ctx"[, "pooled" (SDXL)]} (models/conditioning.py)."""
@@ -258,17 +283,20 @@ class Trainer:
             return conditioning.encode(self.sd, captions, tc.get("clip_skip", 1), tc.get("long_prompt", "truncate"))
 
     @contextlib.contextmanager
-    def _frozen_on_device(self):
-        """The VAE and the text encoder on the training device for the duration (they are parked in host
-        memory between previews when the caches make them idle)."""
-        if not self.parked:
+    def _frozen_on_device(self, modules=None):
+        """The VAE and the text encoder (or the given ones of them) on the training device for the duration
+        (they are parked in host memory between previews when the caches make them idle). Inside another, a
+        no-op: the outer one chose."""
+        if not self.parked or self._frozen_nested:
             yield
             return
-        for m in (self.sd.vae, *self.sd.text_encoders.values()):
+        for m in modules or (self.sd.vae, *self.sd.text_encoders.values()):
             m.to(self.device)
+        self._frozen_nested = True
         try:
             yield
         finally:
+            self._frozen_nested = False
             self._park()
 
     def _park(self):

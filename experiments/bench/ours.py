@@ -1,8 +1,9 @@
 """Our side of the benchmark: the real Trainer (data, staging, step, logging) and the real sampler.
 
-    python -m experiments.bench.ours CONFIG PART MODE [ROOT] [--tiny]     -> one line `RESULT {json}`
+    python -m experiments.bench.ours CONFIG PART MODE [ROOT] [--tiny] [--gpu-gib N]   -> one line `RESULT {json}`
 CONFIG: configs.CONFIGS or "sampling"; PART: unet (latents and text cached) | full (VAE and text encoder
-every step); MODE: see MODES.
+every step); MODE: see MODES. --gpu-gib N: the caching allocator may hold at most N GiB, as on a smaller GPU
+(an 8 GB card leaves about 7 GiB after the CUDA context).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 
 from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, median_seconds, peak_memory, reset_peak,
                                       split_peak, sync, world)
@@ -56,6 +58,8 @@ MODES = {  # name -> train.* overrides
     "default_no_upsample": ["train.nhwc_upsample=false"],      # torch's nearest upsampling kernel
     "default_no_lora_gemm": ["train.triton_lora_gemm=false"],  # cuBLAS + a second GEMM / masked add for the LoRA term
     "default_no_short_attention": ["train.short_attention=false"],  # cuDNN's SDPA for cross-attention too
+    "default_no_cudnn_benchmark": ["train.cudnn_benchmark=false"],  # cuDNN's heuristic choice: no timed search
+    "default_no_graph": ["train.cuda_graph=false"],            # the step launched eagerly (no graph pool)
     "default_all_algos": ["train.cudnn_benchmark_limit=0"],    # cuDNN times every convolution algorithm
     "session6": ["train.fused_layer_norms=false", "train.nhwc_upsample=false"],  # session 6's default (+ bf16 upsampling)
     "session5": ["train.cast_lora_once=false", "train.fold_biases=false", "train.fused_lora_backward=false",
@@ -86,7 +90,9 @@ def trainer(name: str, part: str, mode: str, w: dict, run_dir: Path):
 def measure(name: str, part: str, mode: str, w: dict) -> dict:
     dev = w["device"]
     with tempfile.TemporaryDirectory() as tmp:
+        reset_peak(dev)
         tr = trainer(name, part, mode, w, Path(tmp))
+        build = peak_memory(dev).get("peak_alloc_gib")   # loading the model, filling the caches
         flops = count_flops(tr) if mode == "eager" and part == "unet" else None
         reset_peak(dev)
         t_first = time.perf_counter()
@@ -108,7 +114,7 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
         return {"impl": "ours", "config": name, "part": part, "mode": mode, "device": dev, "s_per_step": dt,
                 "images_per_s": CONFIGS[name]["batch"] / dt, "warmup_s": t0 - t_first, **split_peak(dev, warm_peak),
                 "last_loss": recs[-1]["loss"], "skipped": sum(r["skipped"] for r in recs),
-                "lora_params": tr.report.num_parameters, "flops_per_step": flops,
+                "lora_params": tr.report.num_parameters, "flops_per_step": flops, "build_alloc_gib": build,
                 "graph_failed": tr.graphed.failed if tr.graphed is not None else None}
 
 
@@ -153,6 +159,10 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--gpu-gib" in sys.argv:  # act as a smaller GPU: the caching allocator may hold at most this many GiB
+        cap = float(sys.argv[sys.argv.index("--gpu-gib") + 1])
+        args.remove(sys.argv[sys.argv.index("--gpu-gib") + 1])
+        torch.cuda.set_per_process_memory_fraction(cap * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
     name, part, mode = args[:3]
     w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, name)
     res = sample(mode, w, name=name) if name in SAMPLING else measure(name, part, mode, w)
