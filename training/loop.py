@@ -78,6 +78,7 @@ class Trainer:
         # host memory and each part comes to the GPU only when used (the frozen ones to fill the caches, the
         # UNet after), so their weights never sit on the GPU together: SDXL's 6.6 GiB of fp16/fp32 weights and
         # a 1024-pixel VAE encode at once did not fit seed 004's 8 GB card; the UNet alone, 4.8 GiB, does.
+        # (self.parked: the same condition, true from the caches on.)
         self.staged = self._parking_wanted(cfg)
         self.parked, self._frozen_nested = False, False
         self.sd = load_model(m.path, dtype=base_dtype, device="cpu" if self.staged else self.device,
@@ -232,17 +233,14 @@ class Trainer:
             citems, _ = scan_folder(d.class_dir, missing_caption="trigger", trigger=d.class_prompt)
             self.prior = ImageCaptionDataset(citems, fixed_caption=d.class_prompt, **kw)
         self.text_cache = None
-        self.parked = self.staged  # (staged: the frozen parts come to the GPU for the caches, then go back)
-        with self._frozen_on_device([self.sd.vae]):   # (staged: one part at a time on the GPU)
+        # With latents and every caption's embedding cached, a step needs neither the VAE nor the text encoder:
+        # they wait in host memory (0.4 GB at SD1.5 size, as kohya's cache options do) and come to the GPU only to
+        # fill their cache, one at a time, and for previews and samples (_frozen_on_device); the UNet comes after.
+        self.parked = self.staged
+        with self._frozen_on_device([self.sd.vae]):
             self._fill_latents(d, tc)
         with self._frozen_on_device(list(self.sd.text_encoders.values())):
             self._fill_text(d, tc)
-        # With latents and every caption's embedding cached, a step needs neither the VAE nor the text encoder:
-        # they wait in host memory (0.4 GB at SD1.5 size, as kohya's cache options do) and come back for
-        # previews and samples (_frozen_on_device).
-        self.parked = self._parking_wanted(self.cfg)
-        if self.parked and not self.staged:   # (staged: parked as the caches' context closed)
-            self._park()
         if self.staged:
             self.sd.unet.to(self.device)
         self.plan = self.ds.batch_plan(tc.batch_size, drop_last=False)
