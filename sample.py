@@ -91,8 +91,9 @@ def run(cfg: DictConfig) -> list[dict]:
     device = pick_device(cfg.device)
     m = cfg.model
     model_path = resolve(to_absolute_path(m.path) if Path(to_absolute_path(m.path)).exists() else m.path)
-    sd = load_model(model_path, dtype=cfg.dtype, device=device, vae=m.vae and to_absolute_path(m.vae),
-                    config=m.config and to_absolute_path(m.config))
+    offload = device if cfg.get("offload", False) else None   # the model in host memory, a part at a time on the GPU
+    sd = load_model(model_path, dtype=cfg.dtype, device="cpu" if offload else device,
+                    vae=m.vae and to_absolute_path(m.vae), config=m.config and to_absolute_path(m.config))
     sd.unet.eval(), sd.vae.eval(), sd.text_encoder.eval()
     lora_info = []
     for lora in cfg.loras:
@@ -119,7 +120,8 @@ def run(cfg: DictConfig) -> list[dict]:
                           clip_skip=cfg.clip_skip, long_prompt=cfg.long_prompt, init_image=init,
                           strength=cfg.strength if init is not None else 1.0,
                           callback=lambda *_: bar.update(1), cuda_graph=cfg.get("cuda_graph", True),
-                          vae_tiling=cfg.get("vae_tiling", False), **sdxl_size_conditioning(cfg))
+                          vae_tiling=cfg.get("vae_tiling", False), offload=offload, decode_slice=1 if offload else None,
+                          **sdxl_size_conditioning(cfg))
         for j, image in enumerate(images):
             settings = {"Steps": cfg.steps, "Sampler": sampler_name, "CFG scale": cfg.guidance_scale,
                         "Seed": cfg.seed, "Batch index": j, "Size": f"{width}x{height}",

@@ -46,7 +46,7 @@ def _cfg(overrides):
         return compose("sample", overrides=overrides)
 
 
-def test_sample_py_writes_pngs_grid_manifest_with_loras(tiny_diffusers_folder, tmp_path):
+def test_sample_py_writes_pngs_grid_manifest_with_loras(tiny_diffusers_folder, tmp_path, monkeypatch):
     import sample
     sd = load_model(tiny_diffusers_folder)
     inject_lora(sd.unet, ["to_q", "to_v"], rank=2)
@@ -74,6 +74,20 @@ def test_sample_py_writes_pngs_grid_manifest_with_loras(tiny_diffusers_folder, t
                    height=64, width=64)
     png = torch.tensor(__import__("numpy").array(Image.open(out / "000_01.png"))).permute(2, 0, 1) / 255
     assert (png - img[1]).abs().max() <= 1 / 255 + 1e-6
+    # offload=true (the model loaded into host memory, each part on the device for its stage): the same PNGs,
+    # within one level
+    cfg2 = _cfg([f"model.path={tiny_diffusers_folder}", f"out_dir={tmp_path / 'off'}", "steps=4", "images_per_prompt=2",
+                 "height=64", "width=64", f'prompts=["{PROMPT}", "J3NN13, wink"]', "guidance_scale=4.0",
+                 f"loras=[{{path: {lora}, weight: 0.5}}]", "offload=true"])
+    import models.pipeline as pipeline
+    stages, real_parts_on = [], pipeline.parts_on
+    monkeypatch.setattr(pipeline, "parts_on", lambda dev, *m: (stages.append(dev is not None), real_parts_on(dev, *m))[1])
+    sample.run(cfg2)
+    assert stages == [True] * 6   # text encoder, UNet, VAE for each of the two prompts
+    import numpy as np
+    for name in ["000_01.png", "001_00.png"]:   # (decoded one by one: batched and single convolutions differ in
+        a, b = (np.asarray(Image.open(d / name), dtype=int) for d in (out, tmp_path / "off"))  # the last bits)
+        assert np.abs(a - b).max() <= 1, name
 
 
 @pytest.mark.parametrize("override,match", [("steps=0", "steps must be >= 1"), ("guidance_scale=-1", "guidance_scale"),
