@@ -10,8 +10,9 @@ the rows' log-sum-exp for the backward), backward one pass over Q, O and dO writ
 summed in registers over each program's query blocks and its partial sums added by torch (deterministic: no
 atomics). cuDNN's flash kernels, made for long keys, split the backward over key blocks (one or two per head
 here), accumulate dQ in fp32 and run a kernel before (dO . O) and one after (dQ to 16 bits): the batch-8 bf16
-profile spent 0.17 ms per 4,096 x 77 cross-attention backward on them (experiments/bench/RESULTS.md,
-session 10). CUDA with fp16/bf16 (or Triton's interpreter), head dim <= 64, keys <= 128; `usable` says
+profile spent 0.17 ms per 4,096 x 77 cross-attention backward on them. Forward + backward, bf16, 77 keys
+(experiments/bench/RESULTS.md, session 10): SD1.5's 64x64 level 210 against cuDNN's 220 us at batch 8, 67
+against 134 at batch 2; SDXL's 64x64 level at batch 1 59 against 128 (the report's step: -1.8%). CUDA with fp16/bf16 (or Triton's interpreter), head dim <= 64, keys <= 128; `usable` says
 when, and attention() in models/blocks.py falls back to torch's SDPA otherwise.
 """
 from __future__ import annotations
