@@ -1,6 +1,7 @@
 """Cross-attention kernels alone: torch's SDPA (cuDNN first on Hopper) against models/short_attention.py, forward
 and forward + backward, at the UNet's cross-attention shapes (77 keys), each timed over CUDA-graph replays of 20
-calls (the Triton launches' host overhead out of the way, as in the training step's graph); then the Triton
+calls (the Triton launches' host overhead out of the way, as in the training step's graph; session 10's numbers
+took the best of 5 replays, `lora_gemm_probe.graph_us` their mean); then the Triton
 kernels' block sizes and warps, and the backward's programs per SM.
 
     python -m experiments.bench.short_attention_probe [--configs]
@@ -10,36 +11,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from experiments.bench.lora_gemm_probe import graph_us
 from models import short_attention as sa
 
 SHAPES = [  # (name, batch, queries, heads, head dim)
     ("sd15 64x64 b8", 8, 4096, 8, 40), ("sd15 32x32 b8", 8, 1024, 8, 80),
     ("sd15 64x64 b2", 2, 4096, 8, 40), ("sdxl 64x64 b1", 1, 4096, 10, 64), ("sdxl 32x32 b1", 1, 1024, 20, 64),
 ]
-
-
-def graph_us(fn, n: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / n)
-    return best
 
 
 def sdpa(q, k, v, heads):
