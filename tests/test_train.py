@@ -181,6 +181,15 @@ def test_resume_continues_exactly(tiny_diffusers_folder, tiny_data, tmp_path):
                      f"resume={tmp_path / 'u_part'}")).run()
     d, e = lora_file(tmp_path / "u_full"), lora_file(tmp_path / "u_part")
     assert all(torch.equal(d[k], e[k]) for k in d)
+    # Staged loading (park_frozen: the model read into host memory, the parts brought over one at a time),
+    # resumed: equal to the same staged run in one go.
+    st = ["lora.dropout=0.1", "train.max_steps=6", "train.park_frozen=true"]
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "s_full", *st)).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "s_part", *st, "train.stop_after_steps=3")).run()
+    tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "s_part", *st, f"resume={tmp_path / 's_part'}"))
+    assert tr.staged and tr.run()["step"] == 6
+    f, g = lora_file(tmp_path / "s_full"), lora_file(tmp_path / "s_part")
+    assert set(f) == set(g) and all(torch.equal(f[k], g[k]) for k in f)
     with pytest.raises(ValueError, match="LoRA modules differ"):
         Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "part", *common, "lora.rank=2",
                          f"resume={tmp_path / 'part'}")).run()
