@@ -48,6 +48,13 @@ def _block(n: int) -> int:
 
 if triton is not None:
     @triton.jit
+    def _tile(ptr, b, s_b, rows, s_row, n_rows, col, d, D: tl.constexpr):
+        """Rows `rows` of batch b, one head's columns `col`, of a (B, tokens, H * D) tensor: (len(rows), BLOCK_D),
+        zeros past n_rows and past D."""
+        mask = (rows[:, None] < n_rows) & (d[None, :] < D)
+        return tl.load(ptr + b * s_b + rows[:, None] * s_row + col, mask=mask, other=0.0)
+
+    @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, L, H,
                     sq_b, sq_n, sk_b, sk_l, sv_b, sv_l, so_b, so_n, qk_scale, SPLIT, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -59,13 +66,12 @@ if triton is not None:
         b, h = (bh // H).to(tl.int64), bh % H
         l, d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
         col = h * D + d[None, :]
-        ld = (l[:, None] < L) & (d[None, :] < D)
-        k = tl.load(k_ptr + b * sk_b + l[:, None] * sk_l + col, mask=ld, other=0.0)      # (BLOCK_L, BLOCK_D)
-        v = tl.load(v_ptr + b * sv_b + l[:, None] * sv_l + col, mask=ld, other=0.0)      # (BLOCK_L, BLOCK_D)
+        k = _tile(k_ptr, b, sk_b, l, sk_l, L, col, d, D)                     # (BLOCK_L, BLOCK_D)
+        v = _tile(v_ptr, b, sv_b, l, sv_l, L, col, d, D)
         for start in range(split * BLOCK_M, N, SPLIT * BLOCK_M):
             m = start + tl.arange(0, BLOCK_M)
             md = (m[:, None] < N) & (d[None, :] < D)
-            q = tl.load(q_ptr + b * sq_b + m[:, None] * sq_n + col, mask=md, other=0.0)  # (BLOCK_M, BLOCK_D)
+            q = _tile(q_ptr, b, sq_b, m, sq_n, N, col, d, D)               # (BLOCK_M, BLOCK_D)
             s = tl.dot(q, tl.trans(k)) * qk_scale                  # (BLOCK_M, BLOCK_L) scores in log2 units
             s = tl.where(l[None, :] < L, s, float("-inf"))
             mx = tl.max(s, 1)
@@ -89,16 +95,16 @@ if triton is not None:
         l, d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
         col = h * D + d[None, :]
         ld = (l[:, None] < L) & (d[None, :] < D)
-        k = tl.load(k_ptr + b * sk_b + l[:, None] * sk_l + col, mask=ld, other=0.0)      # (BLOCK_L, BLOCK_D)
-        v = tl.load(v_ptr + b * sv_b + l[:, None] * sv_l + col, mask=ld, other=0.0)
+        k = _tile(k_ptr, b, sk_b, l, sk_l, L, col, d, D)                     # (BLOCK_L, BLOCK_D)
+        v = _tile(v_ptr, b, sv_b, l, sv_l, L, col, d, D)
         dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         for start in range(split * BLOCK_M, N, SPLIT * BLOCK_M):
             m = start + tl.arange(0, BLOCK_M)
             md = (m[:, None] < N) & (d[None, :] < D)
-            q = tl.load(q_ptr + b * sq_b + m[:, None] * sq_n + col, mask=md, other=0.0)  # (BLOCK_M, BLOCK_D)
-            o = tl.load(o_ptr + b * so_b + m[:, None] * so_n + col, mask=md, other=0.0)
-            do = tl.load(do_ptr + b * sdo_b + m[:, None] * sdo_n + col, mask=md, other=0.0)
+            q = _tile(q_ptr, b, sq_b, m, sq_n, N, col, d, D)               # (BLOCK_M, BLOCK_D)
+            o = _tile(o_ptr, b, so_b, m, so_n, N, col, d, D)
+            do = _tile(do_ptr, b, sdo_b, m, sdo_n, N, col, d, D)
             lse = tl.load(lse_ptr + bh.to(tl.int64) * N + m, mask=m < N, other=float("inf"))
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)       # (BLOCK_M,)
             s = tl.dot(q, tl.trans(k)) * qk_scale                      # (BLOCK_M, BLOCK_L)

@@ -32,6 +32,7 @@ from lora.inject import inject_lora, lora_layers, lora_parameters, set_enabled, 
 from lora.io import save_lora
 from models import conditioning, sdpa_backend
 from models.load import load_model, pick_device
+from models.pipeline import generate, parts_on
 from models.schedule import NoiseSchedule, offset_noise
 from training.graph_step import GraphedStep
 from training.optim import EMA, build_optimizer, lr_factor, optimizer_state, set_capturable
@@ -288,21 +289,12 @@ class Trainer:
         if not self.parked or self._frozen_nested:
             yield
             return
-        for m in modules or (self.sd.vae, *self.sd.text_encoders.values()):
-            m.to(self.device)
         self._frozen_nested = True
         try:
-            yield
+            with parts_on(self.device, *(modules or (self.sd.vae, *self.sd.text_encoders.values()))):
+                yield
         finally:
             self._frozen_nested = False
-            self._park()
-
-    def _park(self):
-        """The VAE and the text encoder to host memory (their GPU memory back to the allocator's pool)."""
-        for m in (self.sd.vae, *self.sd.text_encoders.values()):
-            m.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def _loader(self):
         """Batches from the current position on, through every later epoch, loaded by DataLoader workers
@@ -601,7 +593,6 @@ class Trainer:
     def preview(self) -> None:
         """Images from fixed prompts and seeds, into TensorBoard and <run>/previews/."""
         from experiments.images import make_grid, save_png, to_pil
-        from models.pipeline import generate
         p = self.cfg.preview
         for m in self.sd.parts.values():
             m.eval()
@@ -623,7 +614,6 @@ class Trainer:
         one folder per guidance scale (samples/cfg_4.0/...), each PNG with its A1111 parameters."""
         from experiments.images import a1111_parameters, save_png
         from lora.io import load_lora
-        from models.pipeline import generate
         inf = self.cfg.inference
         m = inf.model
         same = str(m.path) == str(self.cfg.model.path) and m.get("vae") == self.cfg.model.get("vae")
