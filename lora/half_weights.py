@@ -11,13 +11,17 @@ numbers (tests/test_fast_paths.py compares a run with and without, bit for bit).
     with half_weights(adapters, torch.bfloat16):   # around a micro-batch's forward *and* backward
         loss = model(...); loss.backward()            # (a checkpointed block's recomputation reads them too)
 
-Inside, `LoRAAdapter.weights()` returns the cast pair; outside, the module's own parameters.
+Inside, `LoRAAdapter.weights()` returns the cast pair; outside, the module's own parameters. On CUDA the
+LoRA functions' weight gradients run on a side stream inside (lora/grad_stream.py); the cast's backward, their
+only consumer, joins it.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from lora import grad_stream
 
 
 class _CastAll(torch.autograd.Function):
@@ -30,6 +34,7 @@ class _CastAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        grad_stream.join()     # the LoRA weight gradients computed on the side stream (lora/grad_stream.py)
         params = ctx.saved_tensors
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         if not used:
@@ -51,8 +56,10 @@ def half_weights(adapters: list, dtype: torch.dtype):
         tuple(p.detach().to(dtype) for p in params)
     for i, a in enumerate(adapters):
         a.cast_weights = (cast[2 * i], cast[2 * i + 1])
+    device = params[0].device if params else torch.device("cpu")
     try:
-        yield
+        with grad_stream.active(device) if device.type == "cuda" else contextlib.nullcontext():
+            yield
     finally:
         for a in adapters:
             a.cast_weights = None

@@ -15,7 +15,9 @@ input is never stored; dx is g W with the masked LoRA term added in place; for 3
 projection with its LoRA term, and the input gradient with gh, are each one Triton GEMM,
 lora/lora_mm.py); elsewhere the mask is drawn by torch's own dropout kernel (the same masks as
 nn.Dropout under the same seed). Inside a checkpointed block the seed or mask comes from
-lora/mask_replay.py. Used by LoRALayer for Linear bases with one active adapter and no rank or
+lora/mask_replay.py. The weight gradients (dA, dB), which only the optimizer needs, are enqueued on
+lora/grad_stream.py's side stream where the adapter's weights are half_weights' casts (that cast's backward
+joins it). Used by LoRALayer for Linear bases with one active adapter and no rank or
 module dropout, while gradients are recorded
 (lora.inject.set_fused_lora_backward; train.fused_lora_backward).
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora import dropout_down, lora_mm, mask_replay
+from lora import dropout_down, grad_stream, lora_mm, mask_replay
 from models.autocast_off import autocast_off
 
 
@@ -46,12 +48,12 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, p, mask):
+    def forward(ctx, x, weight, bias, down, up, scale, p, mask, side):
         dt = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dt)                                # (M, K)
         w, a, b_up = weight.to(dt), down.to(dt), up.to(dt)                  # (N, K), (r, K), (N, r)
-        ctx.scale, ctx.p, ctx.shape = scale, p, shape
+        ctx.scale, ctx.p, ctx.shape, ctx.side = scale, p, shape, side
         ctx.dtypes = (x.dtype, down.dtype, up.dtype)
         ctx.seeded = mask is not None and mask.dtype == torch.int64         # a seed: lora/dropout_down.py
         with autocast_off(x):
@@ -87,7 +89,8 @@ class _LoRALinear(torch.autograd.Function):
         xd, h, w, a, b_up, mask = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)                         # (M, N)
-        d_up = (g2.t() @ h).to(b_dtype) if ctx.needs_input_grad[4] else None          # (N, r)
+        want_down, want_up = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        side = g2.device if ctx.side else None   # the weight gradients on lora/grad_stream.py's side stream
         if ctx.seeded:                                                      # xd is x; `mask` the seed
             dx = None
             if ctx.needs_input_grad[0] and ctx.one_gemm:                    # g W + masked (gh A), and gh: one kernel
@@ -98,10 +101,13 @@ class _LoRALinear(torch.autograd.Function):
                     dx = g2 @ w                                             # (M, K)
                     dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)    # += keep/(1-p) * (gh A)
             dx = None if dx is None else dx.view(ctx.shape).to(x_dtype)
-            d_down = dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if ctx.needs_input_grad[3] else None
-            return dx, None, None, d_down, d_up, None, None, None
+
+            def weight_grads():
+                return (dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if want_down else None,   # (r, K)
+                        (g2.t() @ h).to(b_dtype) if want_up else None)                                    # (N, r)
+            d_down, d_up = grad_stream.launch(weight_grads, side, (g2, h, xd, gh, mask))
+            return dx, None, None, d_down, d_up, None, None, None, None
         gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
-        d_down = (gh.t() @ xd).to(a_dtype) if ctx.needs_input_grad[3] else None       # (r, K)
         dx = None
         if ctx.needs_input_grad[0]:
             t = gh @ a                                                      # (M, K)
@@ -110,7 +116,10 @@ class _LoRALinear(torch.autograd.Function):
             elif mask is not None:
                 t = t * mask
             dx = torch.addmm(t, g2, w).view(ctx.shape).to(x_dtype)          # t + g W, one GEMM
-        return dx, None, None, d_down, d_up, None, None, None
+        d_down, d_up = grad_stream.launch(lambda: ((gh.t() @ xd).to(a_dtype) if want_down else None,   # (r, K)
+                                                   (g2.t() @ h).to(b_dtype) if want_up else None),     # (N, r)
+                                          side, (g2, h, xd, gh))
+        return dx, None, None, d_down, d_up, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor:
@@ -123,4 +132,5 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor
         mask = mask_replay.mask(adapter, "dropout_seed", draw) if mask_replay.active() else draw()
     elif p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
         mask = mask_replay.mask(adapter, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
-    return _LoRALinear.apply(x, base.weight, base.bias, down, up, adapter.scale * adapter.multiplier, p, mask)
+    side = adapter.cast_weights is not None   # weight gradients consumed by half_weights' cast only: side stream
+    return _LoRALinear.apply(x, base.weight, base.bias, down, up, adapter.scale * adapter.multiplier, p, mask, side)

@@ -621,3 +621,28 @@ def test_lora_weights_cast_once_per_step_give_autocasts_numbers(tiny_diffusers_f
     assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
     assert l1[0] != l1[-1]
     assert all(a.cast_weights is None for a in tr.half_lora[0])   # nothing cast outlives the step
+
+
+@cuda
+@pytest.mark.parametrize("graph,seeded", [(False, True), (True, True), (True, False)])
+def test_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                                   monkeypatch, graph, seeded):
+    """lora/grad_stream.py (train.lora_grad_stream): the LoRA weight gradients computed on a second stream, eagerly
+    and recorded in a CUDA graph, give the main stream's run bit for bit (same kernels, same inputs), with the
+    dropout in Triton kernels (seeded) and torch's dropout masks; and the side stream is used."""
+    from lora import dropout_down, grad_stream
+    if seeded:
+        monkeypatch.setattr(dropout_down, "min_elements", 0)       # the tiny UNet's inputs are small
+    used = []
+    real = grad_stream.launch
+    monkeypatch.setattr(grad_stream, "launch",
+                        lambda fn, device, reads: (used.append(bool(grad_stream._active) and device is not None),
+                                                   real(fn, device, reads))[1])
+    common = ["device=cuda", "train.precision=bf16", "lora.dropout=0.1", "train.grad_accum=2",
+              "train.cudnn_benchmark=false", f"train.cuda_graph={str(graph).lower()}"]
+    _, l0, p0 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "main", *common, "train.lora_grad_stream=false")
+    assert not grad_stream.enabled
+    tr, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "side", *common, "train.lora_grad_stream=true")
+    assert grad_stream.enabled and any(used) and (tr.graphed is not None) == graph
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert l0[0] != l0[-1] and not grad_stream._kept and not grad_stream._forked

@@ -96,3 +96,25 @@ def test_training_with_the_fused_lora_backward_gives_the_same_run(tiny_diffusers
                          "train.fused_lora_backward=true")
     assert all(layer.fused_backward for m in [tr.sd.unet] for layer in m.modules() if isinstance(layer, LoRALayer))
     assert l1 == pytest.approx(l2, rel=1e-5) and _close(p1, p2, 1e-4) and l1[0] != l1[-1]
+
+
+def test_weight_gradients_go_to_the_side_stream_only_under_half_weights(monkeypatch):
+    """lora/grad_stream.py: the LoRA function hands its weight gradients to the side stream only where the
+    adapter's weights are half_weights' casts (whose backward joins the stream); with the module's own
+    parameters (consumed by AccumulateGrad at once) they stay on the main stream. On a CPU `launch` runs them in
+    place; tests/test_fast_paths.py checks the CUDA side stream bit for bit."""
+    from lora import grad_stream
+    from lora.half_weights import half_weights
+    seen = []
+    real = grad_stream.launch
+    monkeypatch.setattr(grad_stream, "launch", lambda fn, device, reads: (seen.append(device), real(fn, device, reads))[1])
+    layer, a = _layer(0.3)
+    layer.train()
+    layer.fused_backward = True
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().square().sum().backward()
+        with half_weights([a], torch.bfloat16):
+            layer(x).float().square().sum().backward()
+    assert seen == [None, torch.device("cpu")], seen
+    assert a.down.weight.grad.abs().sum() > 0 and not grad_stream._kept and not grad_stream._forked

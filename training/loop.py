@@ -131,9 +131,10 @@ class Trainer:
             self.sd.unet.set_nhwc_upsampling(True)
         if ours and on("short_attention"):
             self.sd.unet.set_short_attention(True)
-        from lora import dropout_down, lora_mm  # (here: they import Triton where installed)
+        from lora import dropout_down, grad_stream, lora_mm  # (here: they import Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
         lora_mm.enabled = ours and on("triton_lora_gemm")
+        grad_stream.enabled = on("lora_grad_stream")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
             for te in self.sd.text_encoders.values() if self.train_te else ():

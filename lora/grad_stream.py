@@ -1,0 +1,68 @@
+"""LoRA weight gradients on a second CUDA stream, beside the backward's critical path.
+
+The backward's critical path is the chain of input gradients; a LoRA layer's weight gradients (dB = g^T h,
+dA = gh^T drop(x): memory-bound reductions over all tokens, 2.3 ms of the batch-8 bf16 step's kernels on an
+H100) are needed only by the optimizer. lora/linear_fn.py enqueues them here, on a side stream that first
+waits for everything enqueued so far on the main one; the main stream goes on with the next layer's
+backward (attention and convolutions, bound by their arithmetic, leave memory bandwidth and the SMs of
+their tails free). The weight gradients are consumed by one place only, lora/half_weights.py's cast
+backward, which calls `join()` first: the main stream waits for the side stream there, and the tensors
+the side stream read (kept referenced until then) are released after it. So the arithmetic, and the
+results, are the same kernels on the same inputs as without the side stream (tests/test_fast_paths.py
+compares them bit for bit on CUDA), and a CUDA graph records the fork and the join as graph edges.
+
+Active only inside `half_weights` (which joins) on CUDA, while gradients are recorded; elsewhere `launch`
+runs its function in place. train.lora_grad_stream.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+enabled = True              # train.lora_grad_stream (training/loop.py); experiments/bench/graph_ab.py toggles it
+_streams: dict = {}         # device index -> the side stream
+_active: list = []          # devices of the enclosing `active()` contexts
+_kept: list = []            # tensors read on the side stream, released at the join
+_forked: set = set()        # side streams with work enqueued since the last join
+
+
+def _side(device: torch.device) -> torch.cuda.Stream:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _streams:
+        _streams[i] = torch.cuda.Stream(device=i)
+    return _streams[i]
+
+
+def launch(fn, device: torch.device | None, reads: tuple):
+    """fn() enqueued on the side stream of `device` after the main stream's work so far; `reads`: the tensors
+    it reads, kept alive until the join. Outside an active context, on a CPU or for device None (results
+    that someone other than half_weights' cast consumes): fn() as it is."""
+    if not (enabled and _active and device is not None and device.type == "cuda"):
+        return fn()
+    main, side = torch.cuda.current_stream(device), _side(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    _kept.extend(t for t in reads if t is not None)
+    _forked.add(side)
+    return out
+
+
+def join() -> None:
+    """The main stream waits for the side streams' work; what they read may be freed from here on."""
+    for side in _forked:
+        torch.cuda.current_stream(side.device).wait_stream(side)
+    _forked.clear()
+    _kept.clear()
+
+
+@contextlib.contextmanager
+def active(device: torch.device):
+    """Weight gradients of lora/linear_fn.py go to the side stream inside; joined on exit at the latest."""
+    _active.append(device)
+    try:
+        yield
+    finally:
+        _active.pop()
+        join()
