@@ -20,18 +20,12 @@ import contextlib
 
 import torch
 
+from models.side_stream import side as _side
+
 enabled = True              # train.lora_grad_stream (training/loop.py); experiments/bench/graph_ab.py toggles it
-_streams: dict = {}         # device index -> the side stream
 _active: list = []          # devices of the enclosing `active()` contexts
 _kept: list = []            # tensors read on the side stream, released at the join
 _forked: set = set()        # side streams with work enqueued since the last join
-
-
-def _side(device: torch.device) -> torch.cuda.Stream:
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _streams:
-        _streams[i] = torch.cuda.Stream(device=i)
-    return _streams[i]
 
 
 def launch(fn, device: torch.device | None, reads: tuple):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import bias_folding, sdpa_backend
+from models import ahead, bias_folding, sdpa_backend
 from models.autocast_off import autocast_off
 
 
@@ -46,7 +46,7 @@ class ResnetBlock2D(nn.Module):
             return self._forward_biases_folded(x, temb)
         h = self.conv1(norm_silu(self.norm1, x))                   # (B, Cout, H, W)
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # temb (B, T) -> (B, Cout, 1, 1)
+            h = h + self._time_proj(temb)[:, :, None, None]         # temb (B, T) -> (B, Cout, 1, 1)
         h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
@@ -54,13 +54,18 @@ class ResnetBlock2D(nn.Module):
             out = out / self.output_scale_factor
         return out
 
+    def _time_proj(self, temb: torch.Tensor) -> torch.Tensor:
+        """time_emb_proj(silu(temb)): (B, T) -> (B, Cout), or the value models/ahead.py computed for it."""
+        got = ahead.take(self)
+        return got if got is not None else self.time_emb_proj(F.silu(temb))
+
     def _forward_biases_folded(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """forward() where the norms run NHWC (models/bias_folding.py): conv1's bias and the timestep
         embedding enter norm2 as its shift; conv2's bias goes into the shortcut's bias or the residual sum."""
         h = bias_folding.conv_without_bias(self.conv1, norm_silu(self.norm1, x))    # (B, Cout, H, W)
         shift = bias_folding.bias_of(self.conv1)                                    # (Cout,)
         if self.time_emb_proj is not None:
-            t = self.time_emb_proj(F.silu(temb)).float()                            # (B, Cout)
+            t = self._time_proj(temb).float()                                       # (B, Cout)
             shift = t if shift is None else t + shift.float()
         h = self.norm2(h, silu=True, shift=shift)
         h = bias_folding.conv_without_bias(self.conv2, self.dropout(h))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import bias_folding
+from models import ahead, bias_folding
 from models.autocast_off import autocast_off
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
 
@@ -151,7 +151,10 @@ class Attention(nn.Module):
     short_kernel = False        # set_short_attention(): <= 128 keys in Triton kernels (models/short_attention.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fused_projections:
+        kv = ahead.take(self) if context is not None else None   # k, v computed ahead (models/ahead.py)
+        if kv is not None:
+            q, (k, v) = self.to_q(x), kv
+        elif self.fused_projections:
             q, k, v = self._fused_qkv(x, context)
         else:
             context = x if context is None else context           # (B, M, Dc)
@@ -404,6 +407,21 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
 
+    _ahead_modules = None   # set_ahead: (resnets with a timestep projection, cross-attentions)
+
+    def set_ahead(self, enabled: bool = True) -> None:
+        """Compute the cross-attentions' keys and values and the resnets' timestep projections on a side CUDA
+        stream at the start of each forward (models/ahead.py); not under gradient checkpointing."""
+        self._ahead_modules = None if not enabled else (
+            [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None],
+            [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)])
+
+    def _ahead_wanted(self, sample: torch.Tensor) -> bool:
+        if self._ahead_modules is None or not ahead.enabled or not (sample.is_cuda or ahead.on_cpu):
+            return False
+        blocks = [*self.down_blocks, self.mid_block, *self.up_blocks]
+        return not (self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in blocks))
+
     def set_fused_projections(self, enabled: bool = True) -> None:
         """Compute each attention's frozen q/k/v projections with one matmul (k/v for cross-attention)."""
         for m in self.modules():
@@ -507,6 +525,17 @@ class UNet2DConditionModel(nn.Module):
             add = torch.cat([added_cond["text_embeds"], time_ids.to(emb.dtype)], dim=-1)
             emb = emb + self.add_embedding(add.to(emb.dtype))
 
+        # the text's and the timestep's projections on a side stream, beside conv_in and the first blocks
+        given = ahead.compute(*self._ahead_modules, emb, encoder_hidden_states) if self._ahead_wanted(sample) \
+            else []
+        try:
+            return self._blocks(sample, emb, encoder_hidden_states)
+        finally:
+            if given:
+                ahead.finish(given, sample.device)
+
+    def _blocks(self, sample, emb, encoder_hidden_states):
+        cfg = self.config
         # Latents not divisible by 2**n_up need each upsampler told its output size.
         n_up = len(cfg.block_out_channels) - 1
         odd = any(s % (2 ** n_up) for s in sample.shape[-2:])

@@ -646,3 +646,22 @@ def test_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_diffuser
     assert grad_stream.enabled and any(used) and (tr.graphed is not None) == graph
     assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert l0[0] != l0[-1] and not grad_stream._kept and not grad_stream._forked
+
+
+@cuda
+@pytest.mark.parametrize("graph", [False, True])
+def test_projections_ahead_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                              monkeypatch, graph):
+    """models/ahead.py (train.ahead_stream): k/v and the timestep projections on a second stream, eagerly and in a
+    CUDA graph, give the inline run bit for bit (no LoRA dropout: with it, k's and v's masks are drawn first)."""
+    from models import ahead
+    calls = []
+    real = ahead.compute
+    monkeypatch.setattr(ahead, "compute", lambda *a: (calls.append(1), real(*a))[1])
+    common = ["device=cuda", "train.precision=fp16", "lora.dropout=0", "train.cudnn_benchmark=false",
+              f"train.cuda_graph={str(graph).lower()}"]
+    _, l0, p0 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "inline", *common, "train.ahead_stream=false")
+    assert not calls
+    tr, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "ahead", *common, "train.ahead_stream=true")
+    assert calls and (tr.graphed is not None) == graph
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1)) and l0[0] != l0[-1]

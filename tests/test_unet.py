@@ -127,3 +127,41 @@ def test_upsampling_stays_in_half_precision_under_cuda_autocast():
         assert torch.nn.functional.interpolate(x, scale_factor=2.0).dtype == torch.float32  # what autocast does
         y = up(x)
     assert seen == [torch.bfloat16] and torch.equal(y, up(x))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_projections_computed_ahead_give_the_same_output_and_grads(kind, monkeypatch):
+    """models/ahead.py (UNet.set_ahead): the cross-attentions' k/v (with LoRA on to_k/to_v) and the resnets' timestep
+    projections computed before the blocks and taken by them give the inline UNet's output and gradients; every
+    value is taken, none outlives the forward; gradient checkpointing turns it off. On a CPU, computed in place
+    (`on_cpu`); tests/test_fast_paths.py runs the side stream on CUDA."""
+    from lora.inject import inject_lora
+    from models import ahead
+    monkeypatch.setattr(ahead, "on_cpu", True)
+    ref = diffusers_unet(kind)
+    ours = ours_from(ref).train()
+    inject_lora(ours, ["to_k", "to_v"], rank=2, alpha=2)
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora" in name)
+        if "up" in name:
+            torch.nn.init.normal_(p, std=0.1)   # B non-zero: the LoRA term counts
+    taken = []
+    real = ahead.take
+    monkeypatch.setattr(ahead, "take", lambda m: (lambda v: (taken.append(v is not None), v)[1])(real(m)))
+    x, t, ctx, added = inputs(kind)
+    outs = []
+    for on in (False, True):
+        ours.set_ahead(on)
+        ours.zero_grad()
+        y = ours(x, t, ctx, added)
+        y.square().mean().backward()
+        outs.append((y.detach(), [p.grad.clone() for p in ours.parameters() if p.requires_grad]))
+    resnets, attns = ours._ahead_modules
+    assert sum(taken) == len(resnets) + len(attns) > 0 and len(attns) > 0
+    assert all(m.__dict__.get("ahead") is None for m in resnets + attns)
+    assert (outs[0][0] - outs[1][0]).abs().max() <= 1e-6
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(outs[0][1], outs[1][1])) and outs[1][1][0].abs().max() > 0
+    taken.clear()
+    ours.set_gradient_checkpointing(True)
+    ours(x, t, ctx, added)
+    assert not any(taken)

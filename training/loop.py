@@ -131,6 +131,8 @@ class Trainer:
             self.sd.unet.set_nhwc_upsampling(True)
         if ours and on("short_attention"):
             self.sd.unet.set_short_attention(True)
+        if ours and on("ahead_stream"):
+            self.sd.unet.set_ahead(True)
         from lora import dropout_down, grad_stream, lora_mm  # (here: they import Triton where installed)
         dropout_down.enabled = ours and on("triton_lora_dropout")
         lora_mm.enabled = ours and on("triton_lora_gemm")
