@@ -625,8 +625,8 @@ def test_lora_weights_cast_once_per_step_give_autocasts_numbers(tiny_diffusers_f
 
 @cuda
 @pytest.mark.parametrize("graph,seeded", [(False, True), (True, True), (True, False)])
-def test_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
-                                                                   monkeypatch, graph, seeded):
+def test_cuda_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data,
+                                                                        tmp_path, monkeypatch, graph, seeded):
     """lora/grad_stream.py (train.lora_grad_stream): the LoRA weight gradients computed on a second stream, eagerly
     and recorded in a CUDA graph, give the main stream's run bit for bit (same kernels, same inputs), with the
     dropout in Triton kernels (seeded) and torch's dropout masks; and the side stream is used."""
@@ -650,8 +650,8 @@ def test_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_diffuser
 
 @cuda
 @pytest.mark.parametrize("graph", [False, True])
-def test_projections_ahead_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
-                                                              monkeypatch, graph):
+def test_cuda_projections_ahead_on_a_side_stream_give_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                                   monkeypatch, graph):
     """models/ahead.py (train.ahead_stream): k/v and the timestep projections on a second stream, eagerly and in a
     CUDA graph, give the inline run bit for bit (no LoRA dropout: with it, k's and v's masks are drawn first)."""
     from models import ahead
