@@ -2,7 +2,7 @@
 weights, LoRA parameters cast to fp32, autocast, GradScaler for fp16, AdamW, clip 1.0, the loss read
 every step for logging), and StableDiffusionPipeline for sampling. SDXL configs as
 train_dreambooth_lora_sdxl.py: both text encoders (penultimate layers concatenated, bigG's pooled
-projection) and the size conditioning as added_cond_kwargs.
+projection) and the size conditioning as added_cond_kwargs; the full step (no caching) with the fp32 VAE.
 
 It lives in tests/ because diffusers and peft are oracles here: nothing outside tests/ imports them.
 experiments/bench/run_all.py runs it as `python tests/diffusers_baseline.py CONFIG PART MODE [ROOT] [--tiny]`.
@@ -39,19 +39,23 @@ def load(folder: Path, dtype, device):
     return unet, vae, te, tok
 
 
-def sdxl_text(folder: Path, dtype, device, captions: list[str]):
-    """train_dreambooth_lora_sdxl.py's encode_prompt: -> (prompt_embeds (B, 77, 2048), pooled (B, 1280))."""
+def sdxl_encoders(folder: Path, dtype, device) -> list:
+    """SDXL's two text encoders with their tokenizers, frozen, on the device."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    return [(cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype).to(device).requires_grad_(False),
+             CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer")))
+            for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))]
+
+
+def sdxl_encode(encoders: list, captions: list[str], device):
+    """train_dreambooth_lora_sdxl.py's encode_prompt: -> (prompt_embeds (B, 77, 2048), pooled (B, 1280))."""
     embeds, pooled = [], None
-    for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-        te = cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype).to(device).requires_grad_(False)
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder=sub.replace("text_encoder", "tokenizer"))
+    for te, tok in encoders:
         ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             out = te(ids.to(device), output_hidden_states=True)
         pooled = out[0]                     # the last encoder's: CLIPTextModelWithProjection's text_embeds
         embeds.append(out.hidden_states[-2])
-        del te
     return torch.cat(embeds, dim=-1), pooled
 
 
@@ -74,8 +78,6 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
     unet, vae, te, tok = load(folder, dtype, dev)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     sdxl = c.get("arch") == "sdxl"
-    if sdxl and part == "full":
-        raise ValueError("the SDXL baseline measures the UNet step with cached text and latents only")
     params = add_lora(unet, c, DROPOUT)
     if c["ckpt"]:
         unet.enable_gradient_checkpointing()
@@ -92,10 +94,14 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
         lat_cached = vae.float().encode(pixels.float()).latent_dist.sample() * vae.config.scaling_factor \
             if sdxl else vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         if sdxl:  # cached as the script's --cache_latents and fixed instance prompt do; the encoders leave the GPU
-            enc_cached, pooled = sdxl_text(folder, dtype, dev, [CAPTIONS[i % len(CAPTIONS)] for i in range(b)])
-            added = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * b, device=dev,
-                                                                      dtype=dtype)}
-            del vae, te
+            captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(b)]
+            encoders = sdxl_encoders(folder, dtype, dev)
+            enc_cached, pooled = sdxl_encode(encoders, captions, dev)
+            time_ids = torch.tensor([[res, res, 0, 0, res, res]] * b, device=dev, dtype=dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            del te
+            if part != "full":   # the full step keeps the fp32 VAE and both encoders, as the script without caching
+                del vae, encoders
             torch.cuda.empty_cache() if dev == "cuda" else None
         else:
             enc_cached = te(ids, return_dict=False)[0]
@@ -103,7 +109,12 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
     reset_peak(dev)
 
     def step():
-        if part == "full":
+        if part == "full" and sdxl:   # the script's fp32 VAE (no --pretrained_vae_model_name_or_path)
+            with torch.no_grad():
+                latents = (vae.encode(pixels.float()).latent_dist.sample() * vae.config.scaling_factor).to(dtype)
+                enc, pooled = sdxl_encode(encoders, captions, dev)
+            added.update(text_embeds=pooled)
+        elif part == "full":
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 enc = te(ids, return_dict=False)[0]
