@@ -211,6 +211,11 @@ def test_graphed_sampling_equals_eager(tiny_diffusers_folder):
     b = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)
     c = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)  # replayed from the kept graph
     assert torch.allclose(a, b, atol=1e-5) and torch.equal(b, c)
+    sd = load_model(tiny_diffusers_folder, device="cuda")   # (a new graph: the kept one keys on shape and LoRAs)
+    sd.unet.set_ahead(True)   # a trainer's previews: k/v and the timestep projections on the side stream (models/ahead.py)
+    d = generate(sd, "a photo", "blurry", cuda_graph=False, **kw)
+    e = generate(sd, "a photo", "blurry", cuda_graph=True, **kw)
+    assert torch.equal(a, d) and torch.allclose(d, e, atol=1e-5)
 
 
 @cuda
