@@ -634,23 +634,29 @@ def test_cuda_lora_weight_gradients_on_a_side_stream_give_the_same_bits(tiny_dif
                                                                         tmp_path, monkeypatch, graph, seeded):
     """lora/grad_stream.py (train.lora_grad_stream): the LoRA weight gradients computed on a second stream, eagerly
     and recorded in a CUDA graph, give the main stream's run bit for bit (same kernels, same inputs), with the
-    dropout in Triton kernels (seeded) and torch's dropout masks; and the side stream is used."""
+    dropout in Triton kernels (seeded) and torch's dropout masks; the side stream is used, and at most `window`
+    launches' inputs are held at a time."""
     from lora import dropout_down, grad_stream
     if seeded:
         monkeypatch.setattr(dropout_down, "min_elements", 0)       # the tiny UNet's inputs are small
-    used = []
+    used, held = [], []
     real = grad_stream.launch
-    monkeypatch.setattr(grad_stream, "launch",
-                        lambda fn, device, reads: (used.append(bool(grad_stream._active) and device is not None),
-                                                   real(fn, device, reads))[1])
+
+    def counted(fn, device, reads):
+        used.append(bool(grad_stream._active) and device is not None)
+        out = real(fn, device, reads)
+        held.append(len(grad_stream._pending))
+        return out
+    monkeypatch.setattr(grad_stream, "launch", counted)
     common = ["device=cuda", "train.precision=bf16", "lora.dropout=0.1", "train.grad_accum=2",
               "train.cudnn_benchmark=false", f"train.cuda_graph={str(graph).lower()}"]
     _, l0, p0 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "main", *common, "train.lora_grad_stream=false")
     assert not grad_stream.enabled
     tr, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "side", *common, "train.lora_grad_stream=true")
     assert grad_stream.enabled and any(used) and (tr.graphed is not None) == graph
+    assert max(held) == grad_stream.window   # older launches' inputs released, not held to the end of the backward
     assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
-    assert l0[0] != l0[-1] and not grad_stream._kept and not grad_stream._forked
+    assert l0[0] != l0[-1] and not grad_stream._pending and not grad_stream._forked
 
 
 @cuda
