@@ -39,11 +39,13 @@ def launch(fn, device: torch.device | None, reads: tuple):
     inputs are released: the side stream lags the backward by a few layers at most, so the layers' inputs
     and output gradients are not all held to the end of the backward (with gradient checkpointing that
     would keep every recomputed activation: +2 GiB on SDXL), and nothing is freed while the side stream
-    may still read it (what is freed after the main stream's wait is reused after it, in stream order)."""
+    may still read it (what is freed after the main stream's wait is reused after it, in stream order). A
+    backward op that itself runs on the side stream (the cross-attention k/v that models/ahead.py computed
+    there) releases nothing: the next launch from the main stream does."""
     if not (enabled and _active and device is not None and device.type == "cuda"):
         return fn()
     main, side = torch.cuda.current_stream(device), _side(device)
-    while len(_pending) >= window:
+    while main != side and len(_pending) >= window:   # (a node of models/ahead.py's k/v runs on the side stream)
         event, _ = _pending.pop(0)
         main.wait_event(event)
     side.wait_stream(main)
