@@ -91,8 +91,8 @@ class _LoRALinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)                         # (M, N)
         want_down, want_up = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         side = g2.device if ctx.side else None   # the weight gradients on lora/grad_stream.py's side stream
+        dx = None
         if ctx.seeded:                                                      # xd is x; `mask` the seed
-            dx = None
             if ctx.needs_input_grad[0] and ctx.one_gemm:                    # g W + masked (gh A), and gh: one kernel
                 dx, gh = lora_mm.input_grad(g2, w, b_up, a, mask, ctx.p, ctx.scale)
             else:
@@ -100,25 +100,21 @@ class _LoRALinear(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     dx = g2 @ w                                             # (M, K)
                     dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)    # += keep/(1-p) * (gh A)
-            dx = None if dx is None else dx.view(ctx.shape).to(x_dtype)
-
-            def weight_grads():
-                return (dropout_down.grad_down(xd, gh, mask, ctx.p).to(a_dtype) if want_down else None,   # (r, K)
-                        (g2.t() @ h).to(b_dtype) if want_up else None)                                    # (N, r)
-            d_down, d_up = grad_stream.launch(weight_grads, side, (g2, h, xd, gh, mask))
-            return dx, None, None, d_down, d_up, None, None, None, None
-        gh = _scaled_mm(g2, b_up, ctx.scale)                                # (M, r)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            t = gh @ a                                                      # (M, K)
-            if mask is not None and mask.dtype == torch.bool:
-                t = torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - ctx.p))
-            elif mask is not None:
-                t = t * mask
-            dx = torch.addmm(t, g2, w).view(ctx.shape).to(x_dtype)          # t + g W, one GEMM
-        d_down, d_up = grad_stream.launch(lambda: ((gh.t() @ xd).to(a_dtype) if want_down else None,   # (r, K)
-                                                   (g2.t() @ h).to(b_dtype) if want_up else None),     # (N, r)
-                                          side, (g2, h, xd, gh))
+            grad_a = lambda: dropout_down.grad_down(xd, gh, mask, ctx.p)    # noqa: E731  (r, K), the seed's mask
+        else:
+            gh = _scaled_mm(g2, b_up, ctx.scale)                            # (M, r)
+            if ctx.needs_input_grad[0]:
+                t = gh @ a                                                  # (M, K)
+                if mask is not None and mask.dtype == torch.bool:
+                    t = torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - ctx.p))
+                elif mask is not None:
+                    t = t * mask
+                dx = torch.addmm(t, g2, w)                                  # t + g W, one GEMM
+            grad_a = lambda: gh.t() @ xd                                    # noqa: E731  (r, K), xd dropped already
+        dx = None if dx is None else dx.view(ctx.shape).to(x_dtype)
+        d_down, d_up = grad_stream.launch(lambda: (grad_a().to(a_dtype) if want_down else None,    # (r, K)
+                                                   (g2.t() @ h).to(b_dtype) if want_up else None),  # (N, r)
+                                          side, (g2, h, xd, gh, mask))
         return dx, None, None, d_down, d_up, None, None, None, None
 
 

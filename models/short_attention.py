@@ -138,21 +138,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _launch(q: torch.Tensor, k: torch.Tensor, heads: int, config: tuple) -> tuple:
+    """One kernel's geometry: (batch, queries, width, keys, head dim, BLOCK_M, warps, query splits)."""
+    b, n, c = q.shape
+    bm, warps, per_sm = config
+    return b, n, c, k.shape[1], c // heads, bm, warps, _splits(b * heads, triton.cdiv(n, bm), per_sm, q.device)
+
+
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, heads):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        b, n, c = q.shape
-        keys, d = k.shape[1], c // heads
-        bd = _block(d)
-        bm, warps, per_sm = FWD_CONFIG
-        split = _splits(b * heads, triton.cdiv(n, bm), per_sm, q.device)
+        b, n, c, keys, d, bm, warps, split = _launch(q, k, heads, FWD_CONFIG)
         o = torch.empty(b, n, c, dtype=q.dtype, device=q.device)
         lse = torch.empty(b * heads, n, dtype=torch.float32, device=q.device)
         _fwd_kernel[(b * heads, split)](
             q, k, v, o, lse, n, keys, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), o.stride(0), o.stride(1), LOG2E / math.sqrt(d), split, D=d,
-            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=bd, num_warps=warps)
+            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.heads = heads
         return o
@@ -162,11 +165,7 @@ class _ShortAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         heads = ctx.heads
         do = _rows(do)
-        b, n, c = q.shape
-        keys, d = k.shape[1], c // heads
-        bd = _block(d)
-        bm, warps, per_sm = BWD_CONFIG
-        split = _splits(b * heads, triton.cdiv(n, bm), per_sm, q.device)
+        b, n, c, keys, d, bm, warps, split = _launch(q, k, heads, BWD_CONFIG)
         dq = torch.empty(b, n, c, dtype=q.dtype, device=q.device)
         dk = torch.empty(split, b, keys, c, dtype=torch.float32, device=q.device)
         dv = torch.empty_like(dk)
@@ -174,7 +173,7 @@ class _ShortAttention(torch.autograd.Function):
             q, k, v, o, do, lse, dq, dk, dv, n, keys, heads, c, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             b * keys * c, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), split, D=d,
-            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=bd, num_warps=warps)
+            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps)
         return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype), None
 
 
