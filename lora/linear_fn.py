@@ -100,7 +100,7 @@ class _LoRALinear(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     dx = g2 @ w                                             # (M, K)
                     dropout_down.add_grad_input_(dx, gh, a, mask, ctx.p)    # += keep/(1-p) * (gh A)
-            grad_a = lambda: dropout_down.grad_down(xd, gh, mask, ctx.p)    # noqa: E731  (r, K), the seed's mask
+            grad_a = lambda: dropout_down.grad_down(xd, gh, mask, ctx.p)    # (r, K), the seed's mask
         else:
             gh = _scaled_mm(g2, b_up, ctx.scale)                            # (M, r)
             if ctx.needs_input_grad[0]:
@@ -110,7 +110,7 @@ class _LoRALinear(torch.autograd.Function):
                 elif mask is not None:
                     t = t * mask
                 dx = torch.addmm(t, g2, w)                                  # t + g W, one GEMM
-            grad_a = lambda: gh.t() @ xd                                    # noqa: E731  (r, K), xd dropped already
+            grad_a = lambda: gh.t() @ xd                                    # (r, K), xd dropped already
         dx = None if dx is None else dx.view(ctx.shape).to(x_dtype)
         d_down, d_up = grad_stream.launch(lambda: (grad_a().to(a_dtype) if want_down else None,    # (r, K)
                                                    (g2.t() @ h).to(b_dtype) if want_up else None),  # (N, r)
