@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from models import pdl
 from models.nhwc_group_norm import INTERPRET, available
 
 if available():
@@ -46,8 +47,9 @@ if available():
 
     @triton.jit
     def _down_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, M, K, R, p, scale, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
         """h[m, :] = scale * sum_k (x * keep)[m, k] A[:, k], accumulated in fp32 over K in blocks."""
+        pdl.start(PDL)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         r = tl.arange(0, BLOCK_R)
         seed = tl.load(seed_ptr)
@@ -65,8 +67,9 @@ if available():
 
     @triton.jit
     def _grad_down_kernel(x_ptr, gh_ptr, seed_ptr, part_ptr, M, K, R, p, inv_keep, ROWS, BLOCK_M: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
         """part[s, :, k] = inv_keep * sum over this program's ROWS rows of gh^T (x * keep): (R, BLOCK_K), fp32."""
+        pdl.start(PDL)
         k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         s = tl.program_id(1)
         r = tl.arange(0, BLOCK_R)
@@ -84,8 +87,9 @@ if available():
 
     @triton.jit
     def _add_grad_x_kernel(dx_ptr, gh_ptr, a_ptr, seed_ptr, M, K, R, p, inv_keep, BLOCK_M: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
         """dx[m, k] += keep * inv_keep * (gh A)[m, k], in place."""
+        pdl.start(PDL)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         r = tl.arange(0, BLOCK_R)
@@ -100,7 +104,8 @@ if available():
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _mask_kernel(out_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _mask_kernel(out_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         keep = _keep(tl.load(seed_ptr), m, k, K, p)
@@ -135,7 +140,7 @@ def new_seed(device) -> torch.Tensor:
 def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
     """The (M, K) bool mask the kernels use for this seed (for tests)."""
     out = torch.empty(m, k, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](out, seed, m, k, p, BLOCK_M=_BM, BLOCK_K=_BK)
+    _mask_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](out, seed, m, k, p, BLOCK_M=_BM, BLOCK_K=_BK, **pdl.kw(out))
     return out.bool()
 
 
@@ -145,7 +150,7 @@ def down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: 
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     _down_kernel[(triton.cdiv(m, _BM),)](x, a.contiguous(), h, seed, m, k, r, p, scale / (1.0 - p),
-                                         BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r))
+                                         BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r), **pdl.kw(x))
     return h
 
 
@@ -160,7 +165,7 @@ def grad_down(x: torch.Tensor, gh: torch.Tensor, seed: torch.Tensor, p: float) -
     splits = triton.cdiv(m, rows)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
     _grad_down_kernel[(n_k, splits)](x, gh.contiguous(), seed, part, m, k, r, p, 1.0 / (1.0 - p), rows,
-                                     BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r))
+                                     BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_R=rank_block(r), **pdl.kw(x))
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -170,4 +175,4 @@ def add_grad_input_(dx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: t
     r = a.shape[0]
     _add_grad_x_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](dx, gh.contiguous(), a.contiguous(), seed, m, k,
                                                                     r, p, 1.0 / (1.0 - p), BLOCK_M=_BM,
-                                                                    BLOCK_K=_BK, BLOCK_R=rank_block(r))
+                                                                    BLOCK_K=_BK, BLOCK_R=rank_block(r), **pdl.kw(dx))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lora.dropout_down import rank_block
+from models import pdl
 from models.nhwc_group_norm import available
 
 if available():
@@ -43,8 +44,9 @@ if available():
     @triton.jit
     def _fwd_kernel(x_ptr, w_ptr, b_ptr, h_ptr, up_ptr, y_ptr, M, N, K, R, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
         """y = x W^T + b + h B^T: x (M, K), W (N, K), h (M, R), B (N, R), all contiguous; fp32 accumulation."""
+        pdl.start(PDL)
         pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,9 +68,10 @@ if available():
     @triton.jit
     def _dgrad_kernel(g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, dx_ptr, gh_ptr, M, N, K, R, p, scale, inv_keep,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
         """dx = g W + keep * inv_keep * (gh A) with gh = scale * g B: g (M, N), W (N, K), B (N, R), A (R, K).
         The output's columns are K and the reduction runs over N; the first column block also stores gh."""
+        pdl.start(PDL)
         pm, pk = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
         m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -114,7 +117,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, h: torch.T
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
     _fwd_kernel[grid](x, w, b if b is not None else x, h, up, y, m, n, k, r, HAS_BIAS=b is not None,
-                      BLOCK_R=rank_block(r), **c)
+                      BLOCK_R=rank_block(r), **c, **pdl.kw(x))
     return y
 
 
@@ -129,5 +132,5 @@ def input_grad(g: torch.Tensor, w: torch.Tensor, up: torch.Tensor, a: torch.Tens
     dx = torch.empty(m, k, dtype=g.dtype, device=g.device)
     gh = torch.empty(m, r, dtype=g.dtype, device=g.device)
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(k, c["BLOCK_K"]),)
-    _dgrad_kernel[grid](g, w, up, a, seed, dx, gh, m, n, k, r, p, scale, 1.0 / (1.0 - p), BLOCK_R=rank_block(r), **c)
+    _dgrad_kernel[grid](g, w, up, a, seed, dx, gh, m, n, k, r, p, scale, 1.0 / (1.0 - p), BLOCK_R=rank_block(r), **c, **pdl.kw(g))
     return dx, gh

@@ -18,6 +18,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from models import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -35,7 +37,8 @@ if triton is not None:
         return cdf, g * cdf
 
     @triton.jit
-    def _geglu_kernel(p_ptr, out_ptr, N, INNER, BLOCK: tl.constexpr):
+    def _geglu_kernel(p_ptr, out_ptr, N, INNER, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # over out's (M, INNER) elements
         mask = idx < N
         row, col = idx // INNER, idx % INNER
@@ -46,7 +49,8 @@ if triton is not None:
         tl.store(out_ptr + idx, (h * gelu).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _geglu_backward_kernel(p_ptr, dout_ptr, dp_ptr, N, INNER, BLOCK: tl.constexpr):
+    def _geglu_backward_kernel(p_ptr, dout_ptr, dp_ptr, N, INNER, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < N
         row, col = idx // INNER, idx % INNER
@@ -67,7 +71,7 @@ class _GEGLU(torch.autograd.Function):
         inner = p.shape[-1] // 2
         out = p.new_empty(*p.shape[:-1], inner)
         n = out.numel()
-        _geglu_kernel[(triton.cdiv(n, BLOCK),)](p, out, n, inner, BLOCK=BLOCK)
+        _geglu_kernel[(triton.cdiv(n, BLOCK),)](p, out, n, inner, BLOCK=BLOCK, **pdl.kw(p))
         ctx.save_for_backward(p)
         return out
 
@@ -77,7 +81,7 @@ class _GEGLU(torch.autograd.Function):
         dout = dout.contiguous()
         dp = torch.empty_like(p)
         n = dout.numel()
-        _geglu_backward_kernel[(triton.cdiv(n, BLOCK),)](p, dout, dp, n, p.shape[-1] // 2, BLOCK=BLOCK)
+        _geglu_backward_kernel[(triton.cdiv(n, BLOCK),)](p, dout, dp, n, p.shape[-1] // 2, BLOCK=BLOCK, **pdl.kw(p))
         return dp
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import pdl
 from models.nhwc_group_norm import INTERPRET, available
 
 MAX_C = 8192  # one row per program's registers
@@ -46,7 +47,8 @@ if available():
 
     @triton.jit
     def _forward_kernel(a_ptr, x_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, M, C, eps,
-                        ADD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        ADD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         rows, cols, off, mask = _rows(M, C, BLOCK_R, BLOCK_C)
         x = tl.load(x_ptr + off, mask=mask, other=0.0)
         if ADD:  # rounded to the storage dtype before the statistics, as torch's add then LayerNorm
@@ -65,7 +67,8 @@ if available():
 
     @triton.jit
     def _backward_kernel(dy_ptr, dres_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, M, C,
-                         RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         rows, cols, off, mask = _rows(M, C, BLOCK_R, BLOCK_C)
         mean = tl.load(mean_ptr + rows, mask=rows < M, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
@@ -97,7 +100,7 @@ class _AddLayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         kw = blocks(c)
         _forward_kernel[(triton.cdiv(m, kw["BLOCK_R"]),)](a2, x2, s, y, weight, bias, mean, rstd, m, c, eps,
-                                                           ADD=add, **kw)
+                                                           ADD=add, **kw, **pdl.kw(a2))
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.add, ctx.shape = add, shape
         return (s.view(shape), y.view(shape)) if add else y.view(shape)
@@ -114,7 +117,7 @@ class _AddLayerNorm(torch.autograd.Function):
         dres = dres.reshape(m, c).contiguous() if res else dy
         ds = torch.empty_like(s)
         kw = blocks(c)
-        _backward_kernel[(triton.cdiv(m, kw["BLOCK_R"]),)](dy, dres, s, weight, mean, rstd, ds, m, c, RES=res, **kw)
+        _backward_kernel[(triton.cdiv(m, kw["BLOCK_R"]),)](dy, dres, s, weight, mean, rstd, ds, m, c, RES=res, **kw, **pdl.kw(dy))
         ds = ds.view(ctx.shape)
         return (ds if ctx.add else None), ds, None, None, None
 

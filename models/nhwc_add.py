@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from models import pdl
 from models.nhwc_group_norm import available
 
 if available():
@@ -12,8 +13,9 @@ if available():
     import triton.language as tl
 
     @triton.jit
-    def _add_bias_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _add_bias_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """out[m, c] = a[m, c] + b[m, c] + bias[c] on (M, C) row-major views, summed in fp32."""
+        pdl.start(PDL)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (m[:, None] < M) & (c[None, :] < C)
@@ -35,7 +37,7 @@ class _AddWithBias(torch.autograd.Function):
         out = torch.empty_like(a)
         m, c = a.numel() // a.shape[1], a.shape[1]
         grid = (triton.cdiv(m, 32), triton.cdiv(c, 128))
-        _add_bias_kernel[grid](_rows(a), _rows(b), bias, _rows(out), m, c, BLOCK_M=32, BLOCK_C=128)
+        _add_bias_kernel[grid](_rows(a), _rows(b), bias, _rows(out), m, c, BLOCK_M=32, BLOCK_C=128, **pdl.kw(_rows(a)))
         return out
 
     @staticmethod

@@ -28,25 +28,15 @@ Triton's interpreter on the CPU (tests/test_nhwc_group_norm.py) and on the GPU a
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from models import pdl
+from models.triton_env import INTERPRET, available  # INTERPRET: the other kernel modules import it from here
+
+if available():
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - torch builds without Triton (CPU wheels)
-    triton = None
 
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels run on CPU tensors
-
-
-def available() -> bool:
-    return triton is not None
-
-
-if triton is not None:
     @triton.jit
     def _group_tile(pid_bg, tile, HW, C, CG, G, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """Offsets and mask of rows [tile * BLOCK_HW, +BLOCK_HW) of group g of sample b (pid_bg = b * G + g)."""
@@ -68,9 +58,10 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(x_ptr, shift_ptr, pmean_ptr, pm2_ptr, HW, C, CG, G, S,
-                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """One tile of one (b, g): its mean and sum of squared deviations from that mean (two passes over
         registers), to be combined over the group's S tiles by _combine_stats_kernel."""
+        pdl.start(PDL)
         pid, tile = tl.program_id(0), tl.program_id(1)
         off, mask, g, c, cmask, b = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
         x = _load_group_tile(x_ptr, shift_ptr, off, mask, b, g, c, cmask, C, CG, SHIFT)
@@ -82,9 +73,10 @@ if triton is not None:
 
     @triton.jit
     def _combine_stats_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, HW, CG, S, eps,
-                              BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+                              BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         """Chan, Golub & LeVeque 1979 (pairwise update, eq. 2.1 generalised to S parts):
         mean = sum n_s mean_s / n,  M2 = sum (M2_s + n_s (mean_s - mean)^2)."""
+        pdl.start(PDL)
         pid = tl.program_id(0)
         s = tl.arange(0, BLOCK_S)
         sm = s < S
@@ -100,8 +92,9 @@ if triton is not None:
         tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / n + eps))
 
     @triton.jit
-    def _sum_parts_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr):
+    def _sum_parts_kernel(part_ptr, out_ptr, S, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         """out[i] = sum_s part[i, s] (the backward's per-group sums, in a fixed order: deterministic)."""
+        pdl.start(PDL)
         pid = tl.program_id(0)
         s = tl.arange(0, BLOCK_S)
         v = tl.load(part_ptr + pid * S + s, mask=s < S, other=0.0)
@@ -137,7 +130,8 @@ if triton is not None:
 
     @triton.jit
     def _apply_kernel(x_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, SILU: tl.constexpr,
-                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                      SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
                                                              SHIFT, BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
@@ -150,8 +144,9 @@ if triton is not None:
     @triton.jit
     def _grad_stats_kernel(x_ptr, shift_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psg_ptr, psgx_ptr, HW, C,
                            CG, G, S, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """One tile of one (b, g): sums of g = dy * w and of g * xhat (summed over tiles by _sum_parts_kernel)."""
+        pdl.start(PDL)
         pid, tile = tl.program_id(0), tl.program_id(1)
         off, mask, g, c, cmask, b = _group_tile(pid, tile, HW, C, CG, G, BLOCK_HW, BLOCK_C)
         w = tl.load(w_ptr + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
@@ -168,7 +163,8 @@ if triton is not None:
     @triton.jit
     def _grad_x_kernel(x_ptr, shift_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C,
                        CG, G, inv_n, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        pdl.start(PDL)
         xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
                                                              SHIFT, BLOCK_HW, BLOCK_C)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -212,12 +208,12 @@ class _GroupNormNHWC(torch.autograd.Function):
         mean, rstd = stats[0], stats[1]
         on = shift is not None
         _stats_kernel[(b * groups, k["s"])](xv, sh, parts[0], parts[1], hw, c, cg, groups, k["s"], SHIFT=on,
-                                            BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
+                                            BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
         _combine_stats_kernel[(b * groups,)](parts[0], parts[1], mean, rstd, hw, cg, k["s"], eps,
-                                             BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"])
+                                             BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"], **pdl.kw(parts))
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _apply_kernel[grid](xv, sh, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, SHIFT=on,
-                            BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"])
+                            BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"], **pdl.kw(xv))
         ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -237,13 +233,13 @@ class _GroupNormNHWC(torch.autograd.Function):
         sg, sgx = sums[0], sums[1]
         _grad_stats_kernel[(b * groups, k["s"])](xv, sh, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c,
                                                  cg, groups, k["s"], SILU=ctx.silu, SHIFT=on,
-                                                 BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"])
-        _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"])
+                                                 BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
+        _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"], **pdl.kw(parts))
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _grad_x_kernel[grid](xv, sh, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
                              1.0 / (hw * cg), SILU=ctx.silu, SHIFT=on, BLOCK_HW=k["apply_hw"],
-                             BLOCK_C=k["apply_c"])
+                             BLOCK_C=k["apply_c"], **pdl.kw(xv))
         dshift = dx.float().sum(dim=(2, 3)) if on and ctx.needs_input_grad[6] else None   # (B, C)
         return dx, None, None, None, None, None, dshift
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from models import pdl
 from models.bias_folding import is_channels_last
 from models.nhwc_group_norm import INTERPRET, available
 
@@ -21,8 +22,9 @@ if available():
     import triton.language as tl
 
     @triton.jit
-    def _up_kernel(x_ptr, y_ptr, P, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _up_kernel(x_ptr, y_ptr, P, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """Output pixels p = (b * 2H + oh) * 2W + ow, channels c: y[p, c] = x[(b * H + oh // 2) * W + ow // 2, c]."""
+        pdl.start(PDL)
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         row, ow = p // (2 * W), p % (2 * W)                       # row = b * 2H + oh
@@ -32,8 +34,9 @@ if available():
         tl.store(y_ptr + p[:, None].to(tl.int64) * C + c[None, :], v, mask=mask)
 
     @triton.jit
-    def _up_grad_kernel(dy_ptr, dx_ptr, Q, W, C, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _up_grad_kernel(dy_ptr, dx_ptr, Q, W, C, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """Input pixels q = (b * H + h) * W + w: dx[q, c] = the sum of dy over its four output pixels, in fp32."""
+        pdl.start(PDL)
         q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         row, w = q // W, q % W                                    # row = b * H + h
@@ -62,7 +65,7 @@ class _Upsample2x(torch.autograd.Function):
         b, c, h, w = x.shape
         y = torch.empty(b, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         bp, bc = _blocks(c)
-        _up_kernel[_grid(b * 4 * h * w, c, bp, bc)](x, y, b * 4 * h * w, w, c, BLOCK_P=bp, BLOCK_C=bc)
+        _up_kernel[_grid(b * 4 * h * w, c, bp, bc)](x, y, b * 4 * h * w, w, c, BLOCK_P=bp, BLOCK_C=bc, **pdl.kw(x))
         return y
 
     @staticmethod
@@ -72,7 +75,7 @@ class _Upsample2x(torch.autograd.Function):
         dx = torch.empty(b, c, oh // 2, ow // 2, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
         bq, bc = _blocks(c)
         _up_grad_kernel[_grid(b * oh * ow // 4, c, bq, bc)](dy, dx, b * oh * ow // 4, ow // 2, c, BLOCK_Q=bq,
-                                                            BLOCK_C=bc)
+                                                            BLOCK_C=bc, **pdl.kw(dy))
         return dx
 
 

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from models import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -57,11 +59,12 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, L, H,
                     sq_b, sq_n, sk_b, sk_l, sv_b, sv_l, so_b, so_n, qk_scale, SPLIT, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
         """One (batch * head, split) per program: K and V loaded once, then query blocks split, split + SPLIT, ...
         q, k, v, o are (B, tokens, H * D) with unit last stride. D is a compile-time constant so that Triton
         sees each head's columns start at a multiple of 8 (d = 40: 16-byte vector loads; as a run-time integer
         the loads went element by element, 2.5x slower)."""
+        pdl.start(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = (bh // H).to(tl.int64), bh % H
         l, d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
@@ -85,11 +88,12 @@ if triton is not None:
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, N, L, H, C,
                     sq_b, sq_n, sk_b, sk_l, sv_b, sv_l, so_b, so_n, sdo_b, sdo_n, part_stride,
                     sm_scale, qk_scale, SPLIT, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
         """One (batch * head, split) per program: query blocks split, split + SPLIT, ...; dq (B, N, C) written,
         this program's sums of dK and dV written to part `split` of (SPLIT, B, L, C) fp32 buffers. (Scores as
         S^T, keys x queries, so that only dQ = dS K transposes a tile, was slower: 328 against 204 us forward
         and backward at SD1.5's 64x64 level at batch 8; experiments/bench/RESULTS.md, session 10.)"""
+        pdl.start(PDL)
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = (bh // H).to(tl.int64), bh % H
         l, d = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
@@ -155,7 +159,7 @@ class _ShortAttention(torch.autograd.Function):
         _fwd_kernel[(b * heads, split)](
             q, k, v, o, lse, n, keys, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), o.stride(0), o.stride(1), LOG2E / math.sqrt(d), split, D=d,
-            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps)
+            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps, **pdl.kw(q))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.heads = heads
         return o
@@ -173,7 +177,7 @@ class _ShortAttention(torch.autograd.Function):
             q, k, v, o, do, lse, dq, dk, dv, n, keys, heads, c, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             b * keys * c, 1.0 / math.sqrt(d), LOG2E / math.sqrt(d), split, D=d,
-            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps)
+            BLOCK_M=bm, BLOCK_L=_block(keys), BLOCK_D=_block(d), num_warps=warps, **pdl.kw(q))
         return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype), None
 
 

@@ -677,3 +677,27 @@ def test_cuda_projections_ahead_on_a_side_stream_give_the_same_bits(tiny_diffuse
     tr, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "ahead", *common, "train.ahead_stream=true")
     assert calls and (tr.graphed is not None) == graph
     assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1)) and l0[0] != l0[-1]
+
+
+@cuda
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_programmatic_dependent_launch_gives_the_same_bits(tiny_diffusers_folder, tiny_data, tmp_path,
+                                                               monkeypatch, graph):
+    """models/pdl.py (train.pdl): our Triton kernels launched with programmatic dependent launch, eagerly and in a
+    CUDA graph, give the plain launches' run bit for bit, with the LoRA dropout in Triton kernels and the side
+    streams on; on a device before Hopper nothing is launched with PDL."""
+    from lora import dropout_down
+    from models import pdl
+    monkeypatch.setattr(dropout_down, "min_elements", 0)       # the tiny UNet's inputs are small
+    launched = []
+    real = pdl.kw
+    monkeypatch.setattr(pdl, "kw", lambda t: (lambda kw: (launched.append(bool(kw)), kw)[1])(real(t)))
+    common = ["device=cuda", "train.precision=bf16", "lora.dropout=0.1", "train.grad_accum=2",
+              "train.cudnn_benchmark=false", f"train.cuda_graph={str(graph).lower()}"]
+    _, l0, p0 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "plain", *common, "train.pdl=false")
+    assert launched and not any(launched)
+    launched.clear()
+    tr, l1, p1 = _losses(tiny_diffusers_folder, tiny_data, tmp_path / "pdl", *common, "train.pdl=true")
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert launched and all(launched) == hopper and (tr.graphed is not None) == graph
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1)) and l0[0] != l0[-1]

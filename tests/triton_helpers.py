@@ -28,9 +28,16 @@ def compile_for_h100(fn, signature: dict, constexprs: dict) -> None:
     from triton.compiler import ASTSource
     if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
         pytest.skip("this Triton's ASTSource takes other arguments")
-    sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    assert ".entry" in compiled.asm["ptx"] and compiled.asm.get("cubin"), fn.__name__
+    variants = [constexprs]
+    if "PDL" in inspect.signature(fn.fn).parameters and "PDL" not in constexprs:
+        # models/pdl.py: each kernel compiled plainly and with programmatic dependent launch
+        variants = [{**constexprs, "PDL": False}, {**constexprs, "PDL": True}]
+    for cx in variants:
+        sig = {**signature, **{k: "constexpr" for k in cx}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
+        ptx = compiled.asm["ptx"]
+        assert ".entry" in ptx and compiled.asm.get("cubin"), fn.__name__
+        assert ("griddepcontrol.wait" in ptx) == bool(cx.get("PDL")), (fn.__name__, cx.get("PDL"))
 
 
 def count_calls(owner, name: str, key=None) -> dict:

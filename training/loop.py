@@ -134,9 +134,11 @@ class Trainer:
         if ours and on("ahead_stream"):
             self.sd.unet.set_ahead(True)
         from lora import dropout_down, grad_stream, lora_mm  # (here: they import Triton where installed)
+        from models import pdl
         dropout_down.enabled = ours and on("triton_lora_dropout")
         lora_mm.enabled = ours and on("triton_lora_gemm")
         grad_stream.enabled = on("lora_grad_stream")
+        pdl.enabled = on("pdl")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
             for te in self.sd.text_encoders.values() if self.train_te else ():
