@@ -132,16 +132,21 @@ def usable(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
     return INTERPRET or (x.is_cuda and dtype in (torch.float16, torch.bfloat16))
 
 
+def can_regenerate(x: torch.Tensor) -> bool:
+    """Whether `keep_mask` can make x's dropout mask here (lora/mask_replay.py keeps its seed, not the mask)."""
+    return enabled and available() and (INTERPRET or x.is_cuda) and 0 < x.numel() < 2 ** 31 and x.ndim > 0
+
+
 def new_seed(device) -> torch.Tensor:
     """One int64 seed on the device, drawn from torch's generator (graph-safe: a random op like any other)."""
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
-    """The (M, K) bool mask the kernels use for this seed (for tests)."""
+    """The (M, K) bool mask the kernels use for this seed (tests; lora/mask_replay.py for torch's dropout path)."""
     out = torch.empty(m, k, dtype=torch.int8, device=seed.device)
     _mask_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](out, seed, m, k, p, BLOCK_M=_BM, BLOCK_K=_BK, **pdl.kw(out))
-    return out.bool()
+    return out.view(torch.bool)                                          # 0/1 bytes: no copy
 
 
 def down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:

@@ -105,7 +105,7 @@ class LoRAAdapter(nn.Module):
             x = x.to(w_down.dtype)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if self.training and p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask
-            keep = mask_replay.mask(self, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
+            keep = mask_replay.dropout_keep(self, x, p)
             x = x * keep * (1.0 / (1.0 - p))                            # nn.Dropout's scaling
         else:
             x = self.dropout(x)

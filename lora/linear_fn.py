@@ -127,6 +127,6 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor
         draw = lambda: dropout_down.new_seed(x.device)                     # noqa: E731
         mask = mask_replay.mask(adapter, "dropout_seed", draw) if mask_replay.active() else draw()
     elif p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
-        mask = mask_replay.mask(adapter, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)
+        mask = mask_replay.dropout_keep(adapter, x, p)
     side = adapter.cast_weights is not None   # weight gradients consumed by half_weights' cast only: side stream
     return _LoRALinear.apply(x, base.weight, base.bias, down, up, adapter.scale * adapter.multiplier, p, mask, side)

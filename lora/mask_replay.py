@@ -8,6 +8,11 @@ that checkpointing saves) and the recomputation takes them back in order, so not
 twice and the block needs no RNG state. Passed to torch.utils.checkpoint as `context_fn`; the trainer
 does so only for a step recorded as a CUDA graph (eagerly, saving the RNG state costs no memory).
 
+Where Triton's kernels can regenerate a LoRA dropout mask from a seed (lora/dropout_down.py: CUDA, or the
+interpreter), only the seed is kept (8 bytes) and the mask exists while its layer runs (`dropout_keep`): the kept
+masks were SDXL's largest item at its peak in seed 004's step (0.53 GiB of bool masks;
+experiments/bench/RESULTS.md, session 12).
+
 While no checkpointed forward runs (`_mode` None), adapters use nn.Dropout as usual.
 """
 from __future__ import annotations
@@ -73,3 +78,13 @@ def mask(owner: object, kind: str, draw: Callable[[], torch.Tensor]) -> torch.Te
     if _mode == "record":
         _masks[key].append(m)
     return m
+
+
+def dropout_keep(owner: object, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep-mask (bool, x's shape) of `owner`'s LoRA dropout inside a checkpointed block: regenerated from a
+    kept seed where the Triton mask kernel runs, else itself kept (rand >= p, as nn.Dropout draws)."""
+    from lora import dropout_down  # (imports Triton where installed)
+    if dropout_down.can_regenerate(x):
+        seed = mask(owner, "dropout_seed", lambda: dropout_down.new_seed(x.device))
+        return dropout_down.keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape)
+    return mask(owner, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)

@@ -232,8 +232,31 @@ class BasicTransformerBlock(nn.Module):
         return self.ff(self.norm3(x)) + x
 
 
-class Transformer2DModel(nn.Module):
-    """The spatial transformer: GroupNorm, proj_in (1x1 conv, or Linear in SD2), blocks, proj_out."""
+class _Checkpointed(nn.Module):
+    """A module whose parts are recomputed in the backward pass under gradient checkpointing (`_run`)."""
+    gradient_checkpointing = False
+    preserve_rng_state = True
+    checkpoint_context = None
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _run(self, fn, *args):
+        if self._checkpointing():
+            kw = {"context_fn": self.checkpoint_context} if self.checkpoint_context else {}
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state, **kw)
+        return fn(*args)
+
+
+class Transformer2DModel(_Checkpointed):
+    """The spatial transformer: GroupNorm, proj_in (1x1 conv, or Linear in SD2), blocks, proj_out.
+
+    Under gradient checkpointing a transformer of several blocks (SDXL: 2 and 10) recomputes one block at a
+    time, as diffusers does: recomputed whole, its ten blocks' activations were alive together in the backward
+    (with this and lora/mask_replay.py's kept seeds, SDXL's seed-004 step peaks at 5.67 GiB instead of 6.38 on an
+    H100; experiments/bench/RESULTS.md, session 12). The norm and the
+    projections then keep their inputs (three (B, HW, C) activations more than a whole recomputation); a
+    single-block transformer (SD1.5, SD2) is still recomputed whole by its UNet block."""
 
     fold_biases = False  # UNet.set_bias_folding: 1x1 proj_in/proj_out as GEMMs on channels_last input
 
@@ -248,6 +271,9 @@ class Transformer2DModel(nn.Module):
             BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast, dropout) for _ in range(layers))
         self.proj_out = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
 
+    def checkpoints_blocks(self) -> bool:
+        return self._checkpointing() and len(self.transformer_blocks) > 1
+
     def forward(self, x, context):
         b, c, h, w = x.shape
         residual = x
@@ -258,7 +284,7 @@ class Transformer2DModel(nn.Module):
         if self.linear_proj:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = self._run(block, x, context) if self.checkpoints_blocks() else block(x, context)
         if self.linear_proj:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)              # (B, C, H, W), NHWC in memory
@@ -290,17 +316,13 @@ def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
         return F.silu(y) if silu else y
 
 
-class _Block(nn.Module):
+class _Block(_Checkpointed):
     """Resnets (each optionally followed by a transformer) then an optional down/upsampler."""
-    gradient_checkpointing = False
-    preserve_rng_state = True
-    checkpoint_context = None
 
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            kw = {"context_fn": self.checkpoint_context} if self.checkpoint_context else {}
-            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state, **kw)
-        return fn(*args)
+    def _attend(self, attn: Transformer2DModel, x, context):
+        """A transformer of several blocks checkpoints each of them itself; one of a single block is recomputed
+        whole (its one saved input is the block's)."""
+        return attn(x, context) if attn.checkpoints_blocks() else self._run(attn, x, context)
 
 
 class DownBlock(_Block):
@@ -319,7 +341,7 @@ class DownBlock(_Block):
         for i, resnet in enumerate(self.resnets):
             x = self._run(resnet, x, temb)
             if hasattr(self, "attentions"):
-                x = self._run(self.attentions[i], x, context)
+                x = self._attend(self.attentions[i], x, context)
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
@@ -344,7 +366,7 @@ class UpBlock(_Block):
             x = torch.cat([x, skips.pop()], dim=1)               # (B, C + Cskip, H, W)
             x = self._run(resnet, x, temb)
             if hasattr(self, "attentions"):
-                x = self._run(self.attentions[i], x, context)
+                x = self._attend(self.attentions[i], x, context)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, up_size)
         return x
@@ -360,7 +382,7 @@ class MidBlock(_Block):
 
     def forward(self, x, temb, context):
         x = self._run(self.resnets[0], x, temb)
-        x = self._run(self.attentions[0], x, context)
+        x = self._attend(self.attentions[0], x, context)
         return self._run(self.resnets[1], x, temb)
 
 
@@ -495,12 +517,13 @@ class UNet2DConditionModel(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
                                    context_fn=None) -> None:
-        """Recompute each resnet and transformer in the backward pass: about 1/2 the activation memory.
+        """Recompute each resnet and transformer (each transformer block, where a transformer has several) in the
+        backward pass: about 1/2 the activation memory.
         preserve_rng_state=False skips saving the RNG per block (needed inside a CUDA graph; correct only
         when nothing random runs in the blocks, or when the randomness is replayed: context_fn, e.g.
         lora.mask_replay.context_fn for LoRA dropout)."""
         for m in self.modules():
-            if isinstance(m, _Block):
+            if isinstance(m, _Checkpointed):
                 m.gradient_checkpointing = enabled
                 m.preserve_rng_state = preserve_rng_state
                 m.checkpoint_context = context_fn

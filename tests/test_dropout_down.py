@@ -1,6 +1,7 @@
 """lora/dropout_down.py: LoRA dropout inside the down projection's Triton kernels equals torch's arithmetic on
 the same mask (forward, the weight gradient, the input gradient), the mask keeps 1-p of the elements and
-follows its seed, and a LoRA layer and a checkpointed UNet use it consistently (kept seeds replayed). Run under
+follows its seed, and a LoRA layer and a checkpointed UNet use it consistently (kept seeds replayed, also for
+torch's dropout path, whose masks are then regenerated from kept seeds). Run under
 Triton's interpreter on the CPU (tests/triton_helpers.py); the kernels also compile for an H100."""
 import pytest
 
@@ -64,6 +65,24 @@ def grads(ckpt):
     return unet_lora_grads(unet, ["to_q", "to_k", "to_v", "to_out.0"], fused=True, ckpt=ckpt)
 (o1, g1), (o2, g2) = grads(False), grads(True)
 assert torch.allclose(o1, o2, atol=1e-6) and all(torch.allclose(u, v, rtol=1e-4, atol=1e-7) for u, v in zip(g1, g2))
+
+# torch's dropout path (inputs under min_elements; and LoRAAdapter's own, unfused) in a checkpointed step keeps
+# each mask's seed, not the mask, and regenerates the same mask for the recomputation
+from lora import mask_replay
+dd.min_elements = 2 ** 40
+kinds, real_mask = [], mask_replay.mask
+mask_replay.mask = lambda owner, kind, draw: (kinds.append(kind), real_mask(owner, kind, draw))[1]
+for fused in (True, False):
+    def grads(ckpt):
+        torch.manual_seed(1)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIGS["sd15"])).requires_grad_(False)
+        return unet_lora_grads(unet, ["to_q", "to_out.0"], fused=fused, ckpt=ckpt)
+    kinds.clear()
+    (o1, g1), (o2, g2) = grads(False), grads(True)
+    assert kinds and set(kinds) == {"dropout_seed"}, (fused, set(kinds))
+    assert torch.allclose(o1, o2, atol=1e-6), fused
+    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-7) for u, v in zip(g1, g2)), fused
+    assert any(float(v.abs().max()) > 0 for v in g1)
 print("ok")
 '''
 

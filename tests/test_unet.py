@@ -62,10 +62,17 @@ def test_unet_scalar_timestep_broadcasts():
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_gradient_checkpointing_same_output_and_grads(kind):
+def test_gradient_checkpointing_same_output_and_grads(kind, monkeypatch):
+    """Also what is recomputed as one unit: each resnet; a transformer of one block whole, and each block of a
+    transformer of several (the tiny SDXL's second level has two), never both."""
+    import models.unet as U
     ref = diffusers_unet(kind)
     ours, ckpt = ours_from(ref), ours_from(ref)
     ckpt.set_gradient_checkpointing(True)
+    units = []
+    monkeypatch.setattr(U, "checkpoint", lambda fn, *a, **kw: (units.append(fn), torch.utils.checkpoint.checkpoint(
+        fn, *a, **kw))[1])
+    transformers = [m for m in ckpt.modules() if isinstance(m, U.Transformer2DModel)]
     ours.train(), ckpt.train()
     ref.train(), ref.enable_gradient_checkpointing()
     x, t, ctx, added = inputs(kind)
@@ -84,6 +91,11 @@ def test_gradient_checkpointing_same_output_and_grads(kind):
     assert (grads[1] - grads[0]).abs().max() <= 1e-5
     assert (grads[1] - ref_g).abs().max() <= 1e-5
     assert grads[0].abs().max() > 0
+    resnets = [m for m in ckpt.modules() if isinstance(m, U.ResnetBlock2D)]
+    whole = [t for t in transformers if len(t.transformer_blocks) == 1]
+    blocks = [b for t in transformers if len(t.transformer_blocks) > 1 for b in t.transformer_blocks]
+    assert sorted(map(id, units)) == sorted(map(id, resnets + whole + blocks))
+    assert bool(blocks) == (kind == "sdxl")
 
 
 def test_timestep_embedding_matches_diffusers():
