@@ -253,10 +253,10 @@ class Transformer2DModel(_Checkpointed):
 
     Under gradient checkpointing a transformer of several blocks (SDXL: 2 and 10) recomputes one block at a
     time, as diffusers does: recomputed whole, its ten blocks' activations were alive together in the backward
-    (with this and lora/mask_replay.py's kept seeds, SDXL's seed-004 step peaks at 5.67 GiB instead of 6.38 on an
-    H100; experiments/bench/RESULTS.md, session 12). The norm and the
-    projections then keep their inputs (three (B, HW, C) activations more than a whole recomputation); a
-    single-block transformer (SD1.5, SD2) is still recomputed whole by its UNet block."""
+    (with this and lora/mask_replay.py's kept seeds, SDXL's seed-004 step peaks at 5.67 GiB instead of 6.38 on
+    an H100; experiments/bench/RESULTS.md, session 12). The norm and the projections then keep their inputs
+    (three (B, HW, C) activations more than a whole recomputation); a single-block transformer (SD1.5, SD2) is
+    still recomputed whole by its UNet block."""
 
     fold_biases = False  # UNet.set_bias_folding: 1x1 proj_in/proj_out as GEMMs on channels_last input
 

@@ -2,7 +2,9 @@
 steady step, replayed to the moment the allocated bytes peak, with the live blocks grouped by where they were
 allocated (the innermost frame in this repository).
 
-    python -m experiments.bench.memory_trace [CONFIG] [MODE] [--steps N]    (default sdxl_seed004 default)
+    python -m experiments.bench.memory_trace [CONFIG] [MODE] [--full] [--steps N]   (default sdxl_seed004 default)
+
+--full: the full step (VAE and text encoders in every step) instead of the UNet on cached latents and text.
 
 Prints the allocated GiB after building and after each step, the peak and in which step it was reached, then the
 largest groups of blocks alive at the peak that were allocated after building (file:line function, GiB, count).
@@ -59,7 +61,7 @@ def main():
     w = world("/tmp/bench", False, name)
     steps = steps or w["warm"] + 1
     with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "unet", mode, w, Path(tmp))
+        tr = trainer(name, "full" if "--full" in sys.argv else "unet", mode, w, Path(tmp))
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         print(f"{name} {mode}: after building {base / GIB:.2f} GiB allocated")
