@@ -47,7 +47,8 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(norm_silu(self.norm1, x))                   # (B, Cout, H, W)
         if self.time_emb_proj is not None:
             h = h + self._time_proj(temb)[:, :, None, None]         # temb (B, T) -> (B, Cout, 1, 1)
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
+        h = norm_silu(self.norm2, h)                                # (conv1's output freed here without grad:
+        h = self.conv2(self.dropout(h))                             # the VAE at 1024^2 fp32, 0.5 GiB a tensor)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
         if self.output_scale_factor != 1.0:

@@ -7,6 +7,7 @@ apply it so that callers never forget it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -14,6 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+
+
+@contextlib.contextmanager
+def heuristic_convs():
+    """cuDNN's heuristic choice of convolution algorithm inside (no timed search where the trainer turned
+    cudnn.benchmark on): the frozen VAE runs each shape a few times at most, and at 1024x1024 in fp32 the search
+    allocated a 64.6 GiB workspace for an encoder convolution on an 80 GB H100, which the caching allocator then
+    kept reserved (SDXL's full step with and without the search: 0.1806 / 0.1809 s, 71.8 / 10.5 GiB peak;
+    experiments/bench/RESULTS.md, session 12)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _plain(v):
@@ -193,9 +209,10 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        with heuristic_convs():
+            moments = self.encoder(x)
+            if self.quant_conv is not None:
+                moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
 
@@ -203,9 +220,10 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents -> images in about [-1, 1]. `slice_size` decodes that many at a time."""
         if slice_size and z.shape[0] > slice_size:
             return torch.cat([self.decode(c) for c in z.split(slice_size)], dim=0)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        with heuristic_convs():
+            if self.post_quant_conv is not None:
+                z = self.post_quant_conv(z)
+            return self.decoder(z)
 
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None,
                        sample: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:

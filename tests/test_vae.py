@@ -79,3 +79,20 @@ def test_tiled_decode_equals_diffusers_tiling():
     assert torch.equal(tiled_decode(ours, small), ours.decode(small))
     scaled = ours.decode_latents(z * ours.config.scaling_factor, slice_size=1, tiled=True)
     assert (scaled - want).abs().max() <= 1e-5 * want.abs().max()  # (z * s / s: float rounding, |image| ~ 12)
+
+
+def test_vae_convolutions_take_cudnns_heuristic_choice_and_restore_the_flag(monkeypatch):
+    """models/vae.heuristic_convs: no timed algorithm search inside encode and decode (it once allocated 64.6 GiB of
+    workspace for one fp32 convolution at 1024x1024), and the trainer's cudnn.benchmark setting is back after."""
+    ours = ours_from(diffusers_vae())
+    seen = []
+    for m in ours.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(torch.backends.cudnn.benchmark))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with torch.no_grad():
+        z = ours.encode(torch.rand(1, 3, 32, 32) * 2 - 1).mode()
+        assert torch.backends.cudnn.benchmark
+        ours.decode(z)
+    n = sum(isinstance(m, torch.nn.Conv2d) for m in ours.modules())
+    assert len(seen) == n and not any(seen) and torch.backends.cudnn.benchmark
