@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from experiments.bench.graph_ab import replay_ms
+
 
 @triton.jit
 def _step(x_ptr, y_ptr, n, PDL: tl.constexpr, BLOCK: tl.constexpr):
@@ -49,14 +51,7 @@ def time_graph(fn, reps: int = 20) -> float:
     with torch.cuda.graph(g):
         fn()
     g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return replay_ms(g, reps)
 
 
 def main():
