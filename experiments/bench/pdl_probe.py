@@ -67,8 +67,8 @@ def main():
         bufs[0].copy_(ref)
         chain(bufs, 3, True)
         assert torch.equal(plain_out, bufs[1]), "PDL changed the result"
-        plain = time_graph(lambda: chain(bufs, n_kernels, False)) * 1e3 / n_kernels
-        pdl = time_graph(lambda: chain(bufs, n_kernels, True)) * 1e3 / n_kernels
+        plain = time_graph(lambda b=bufs: chain(b, n_kernels, False)) * 1e3 / n_kernels
+        pdl = time_graph(lambda b=bufs: chain(b, n_kernels, True)) * 1e3 / n_kernels
         print(f"| {n} | {4 * n / 1e6:.2f} | {plain:.2f} | {pdl:.2f} | {plain - pdl:.2f} |", flush=True)
 
 
