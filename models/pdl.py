@@ -41,6 +41,6 @@ def kw(t: torch.Tensor) -> dict:
     if not enabled or INTERPRET or not t.is_cuda:
         return {}
     i = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if i not in _capable:
-        _capable[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    if i not in _capable:   # Hopper or later, and a Triton that has the instructions (3.3 and later)
+        _capable[i] = torch.cuda.get_device_capability(i)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
     return {"PDL": True, "launch_pdl": True} if _capable[i] else {}
