@@ -1,8 +1,9 @@
 """SDPA backends at SD1.5's attention shapes: forward + backward time and TFLOP/s per backend.
 
-    python -m experiments.bench.attention [BATCH] [bf16|fp16] [--forward]    (default 8 bf16; 512x512 images)
+    python -m experiments.bench.attention [BATCH] [bf16|fp16] [--forward] [--dims]   (default 8 bf16; 512x512)
 
---forward times the forward alone (sampling). Batch 2 at fp16 is the report's training step and, with
+--forward times the forward alone (sampling). --dims: cuDNN's self-attention over 4,096 tokens, 8 heads, at head
+dims 32 to 80, forward and forward + backward (what the 64x64 level's head dim 40 costs against its neighbours). Batch 2 at fp16 is the report's training step and, with
 classifier-free guidance's two halves, one sampling step.
 
 Each row is one attention of the UNet: self-attention over the latent tokens, or cross-attention to 77
@@ -40,11 +41,27 @@ def time_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
+def head_dims(b: int, dtype) -> None:
+    print("| head dim (cuDNN, 4,096 tokens, 8 heads) | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s at that dim |")
+    print("|---|---|---|---|")
+    for d in (32, 40, 48, 64, 80):
+        q, k, v = (torch.randn(b, 4096, 8 * d, device="cuda", dtype=dtype).view(b, 4096, 8, d).transpose(1, 2)
+                   .requires_grad_() for _ in range(3))
+        g = torch.randn_like(q)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            fwd = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            both = time_ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(g))
+        flops = 4 * b * 8 * 4096 * 4096 * d * 3.5
+        print(f"| {d} | {fwd:.3f} | {both:.3f} | {flops / both / 1e9:.0f} |", flush=True)
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     b = int(args[0]) if args else 8
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args[1] if len(args) > 1 else "bf16"]
     train = "--forward" not in sys.argv
+    if "--dims" in sys.argv:
+        return head_dims(b, dtype)
     heads = 8
     what = "fwd+bwd" if train else "fwd"
     print(f"| attention (B={b}, 8 heads, {dtype}) | " + " | ".join(f"{k} ms {what} (TFLOP/s)" for k in BACKENDS) + " |")
