@@ -4,7 +4,8 @@ allocated (the innermost frame in this repository).
 
     python -m experiments.bench.memory_trace [CONFIG] [MODE] [--full] [--steps N]   (default sdxl_seed004 default)
 
---full: the full step (VAE and text encoders in every step) instead of the UNet on cached latents and text.
+--full: the full step (VAE and text encoders in every step) instead of the UNet on cached latents and text. A
+sampling config (sampling, sampling_sdxl; MODE graph) traces `--steps` images (default 2) of ours.py's sampling job.
 
 Prints the allocated GiB after building and after each step, the peak and in which step it was reached, then the
 largest groups of blocks alive at the peak that were allocated after building (file:line function, GiB, count).
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.configs import CONFIGS, world
-from experiments.bench.ours import trainer
+from experiments.bench.configs import CONFIGS, SAMPLING, world
+from experiments.bench.ours import sampler, trainer
 
 GIB = 2 ** 30
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -61,7 +62,15 @@ def main():
     w = world("/tmp/bench", False, name)
     steps = steps or w["warm"] + 1
     with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "full" if "--full" in sys.argv else "unet", mode, w, Path(tmp))
+        if name in SAMPLING:
+            one = sampler(mode, w, name=name)
+            steps = steps if "--steps" in sys.argv else 2
+        else:
+            tr = trainer(name, "full" if "--full" in sys.argv else "unet", mode, w, Path(tmp))
+
+            def one(_):
+                tr.launch_step()
+                tr.drain()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         print(f"{name} {mode}: after building {base / GIB:.2f} GiB allocated")
@@ -69,8 +78,7 @@ def main():
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
         marks = []
         for s in range(steps):
-            tr.launch_step()
-            tr.drain()
+            one(s)
             torch.cuda.synchronize()
             marks.append(len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]))
             print(f"  step {s + 1}: {torch.cuda.memory_allocated() / GIB:.2f} GiB allocated, peak so far "
@@ -81,7 +89,7 @@ def main():
     peak, i, live = peak_at(events)
     step = next((s + 1 for s, m in enumerate(marks) if i < m), "?")
     print(f"peak {(base + peak) / GIB:.2f} GiB = {base / GIB:.2f} built + {peak / GIB:.2f} in step {step} "
-          f"(event {i} of {len(events)}; {CONFIGS[name]})")
+          f"(event {i} of {len(events)}; {CONFIGS.get(SAMPLING.get(name, name))})")
     groups = defaultdict(lambda: [0, 0])
     for e in live.values():
         g = groups[site(e.get("frames", []))]

@@ -137,6 +137,17 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     """50 DDIM steps with CFG (a negative prompt), the LoRA of SAMPLING[name] applied (not merged; the report's
     r32, or seed 004's r4 on SDXL), VAE decode: s/image.
     mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager."""
+    dev = w["device"]
+    one = sampler(mode, w, steps, guidance, name)
+    reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
+    peaks = []
+    median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
+    return {"impl": "ours", "config": name, "part": f"ddim{steps}_cfg{guidance}_{w['resolution']}", "mode": mode,
+            "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
+
+
+def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: str = "sampling"):
+    """The model of `sample`'s job loaded, its LoRA applied: -> one(seed), generating one image."""
     from experiments.bench.world import CAPTIONS
     from lora.inject import inject_lora
     from models.load import as_dtype, load_model
@@ -148,17 +159,13 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     sd.unet.eval()
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
         sd.unet.set_triton_kernels(True)
-    reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
     size = w["resolution"]
 
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
                         cuda_graph=mode.startswith("graph"))
-    peaks = []
-    median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
-    return {"impl": "ours", "config": name, "part": f"ddim{steps}_cfg{guidance}_{size}", "mode": mode,
-            "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
+    return one
 
 
 if __name__ == "__main__":
