@@ -136,7 +136,8 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
            name: str = "sampling") -> dict:
     """50 DDIM steps with CFG (a negative prompt), the LoRA of SAMPLING[name] applied (not merged; the report's
     r32, or seed 004's r4 on SDXL), VAE decode: s/image.
-    mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager."""
+    mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager, offload (sample.py's
+    offload=true: the model in host memory, each part on the GPU only for its stage, no graph)."""
     dev = w["device"]
     one = sampler(mode, w, steps, guidance, name)
     reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
@@ -153,7 +154,8 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     from models.load import as_dtype, load_model
     from models.pipeline import generate
     dev = w["device"]
-    sd = load_model(w["model"], dtype=w["sample_dtype"], device=dev)
+    offload = dev if mode == "offload" else None
+    sd = load_model(w["model"], dtype=w["sample_dtype"], device="cpu" if offload else dev)
     c = CONFIGS[SAMPLING[name]]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
@@ -164,7 +166,7 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
-                        cuda_graph=mode.startswith("graph"))
+                        cuda_graph=mode.startswith("graph"), offload=offload, decode_slice=1 if offload else None)
     return one
 
 
