@@ -65,7 +65,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     numbers, without the per-kernel launch cost.
     offload: a device; the model waits in host memory and each part comes to it only for its stage (text
     encoders, UNet, VAE), as diffusers' enable_model_cpu_offload: SDXL's 6.6 GiB of weights never sit on an
-    8 GB card together. The same numbers; no CUDA graph (the UNet's weights move between calls).
+    8 GB card together. The same numbers; with cuda_graph, the UNet's graph is recorded for each prompt's UNet stage
+    and dropped after it (its weights come to other memory each time).
     """
     f = sd.vae.scale_factor
     if height % f or width % f:
@@ -75,7 +76,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     fn = get_sampler(sampler)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
     device = torch.device(offload) if offload is not None else sd.unet.conv_in.weight.device
-    unet = graphed_unet(sd.unet) if cuda_graph and offload is None and device.type == "cuda" else sd.unet
+    unet = graphed_unet(sd.unet) if cuda_graph and device.type == "cuda" else sd.unet
     # with a graph, all of the call runs on the graph's stream: one cuBLAS workspace, as eager sampling keeps
     with on_stream(unet.stream if isinstance(unet, GraphedUNet) else None):
         with parts_on(offload, *sd.text_encoders.values()):
@@ -110,6 +111,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         with parts_on(offload, sd.unet):
             latents = fn(model, noise, schedule, steps, x0=x0, strength=strength, generator=g, callback=callback,
                          **opts)
+            if offload is not None and isinstance(unet, GraphedUNet):
+                unet.graphs.clear()   # they read the weights where they are now; next time they are elsewhere
         with parts_on(offload, sd.vae), upcast_vae(sd.vae) as vae:
             images = vae.decode_latents(latents.to(vae.dtype), slice_size=decode_slice, tiled=vae_tiling)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
@@ -117,17 +120,26 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
 
 @contextlib.contextmanager
 def parts_on(device, *modules):
-    """With a device: the modules on it for the duration, then back in host memory (None: as they are)."""
+    """With a device: the modules' weights copied to it for the duration, then pointed back at the host tensors
+    they had (None: as they are). Nothing here changes frozen weights, so nothing is copied back: SDXL's offloaded
+    sampling moved 6.6 GiB each way per image (experiments/bench/RESULTS.md, session 12)."""
     if device is None:
         yield
         return
-    for m in modules:
-        m.to(device)
+    params = [(p, p.data) for m in modules for p in m.parameters()]
+    buffers = [(owner, name, b) for m in modules for owner in m.modules() for name, b in owner._buffers.items()
+               if b is not None]                 # by owner and name: a module's .float() replaces its buffers
+    for p, host in params:
+        p.data = host.to(device)
+    for owner, name, b in buffers:
+        owner._buffers[name] = b.to(device)
     try:
         yield
     finally:
-        for m in modules:
-            m.to("cpu")
+        for p, host in params:
+            p.data = host
+        for owner, name, b in buffers:
+            owner._buffers[name] = b
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
 

@@ -140,18 +140,45 @@ def test_offload_moves_each_part_for_its_stage_and_changes_nothing(tiny_sdxl_fol
     """generate(offload=device): the text encoders, then the UNet, then the VAE come to the device and go back to
     host memory, each only for its stage (diffusers' enable_model_cpu_offload order), and the images are the
     same. On a CPU both places are the same memory: this checks the order, the GPU bench the memory."""
+    import contextlib
+
+    from models import pipeline
     sd = load_model(tiny_sdxl_folder)
     want = generate(sd, "a cat", steps=3, height=64, width=64, num_images=2, seed=1)
     names = {id(m): n for n, m in [("te1", sd.text_encoder), ("te2", sd.text_encoder_2), ("unet", sd.unet),
                                    ("vae", sd.vae)]}
-    moves, real_to = [], torch.nn.Module.to
+    stages, real_parts_on = [], pipeline.parts_on
 
-    def spy(self, *a, **k):
-        if id(self) in names:
-            moves.append((names[id(self)], str(a[0]) if a else str(k.get("device"))))
-        return real_to(self, *a, **k)
-    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    @contextlib.contextmanager
+    def spy(device, *modules):
+        parts = [names[id(m)] for m in modules]
+        stages.append(("on", parts))
+        with real_parts_on(device, *modules):
+            yield
+        stages.append(("off", parts))
+    monkeypatch.setattr(pipeline, "parts_on", spy)
     got = generate(sd, "a cat", steps=3, height=64, width=64, num_images=2, seed=1, offload="cpu")
-    stages = [n for n, _ in moves]
-    assert stages == ["te1", "te2", "te1", "te2", "unet", "unet", "vae", "vae"], moves
+    assert stages == [("on", ["te1", "te2"]), ("off", ["te1", "te2"]), ("on", ["unet"]), ("off", ["unet"]),
+                      ("on", ["vae"]), ("off", ["vae"])], stages
     assert torch.equal(got, want)
+
+
+def test_parts_on_copies_weights_to_the_device_and_points_back_at_the_host_ones(monkeypatch):
+    """models/pipeline.parts_on: inside, every parameter and buffer is a copy on the device (here a CPU "device"
+    whose Tensor.to copies); after, each is the very host tensor it was (no copy back), also when the module
+    converted its weights in between and back (as upcast_vae does)."""
+    from models.pipeline import parts_on
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    tensors = lambda: (*m.parameters(), *m.buffers())              # noqa: E731
+    before = [t.data.data_ptr() for t in tensors()]
+    values = [t.detach().clone() for t in tensors()]
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: real_to(self, *a, **k).clone())
+    with parts_on("cpu", m):
+        inside = [t.data.data_ptr() for t in tensors()]
+        m.double()
+        m.float()
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert not set(inside) & set(before)                           # copies inside
+    assert [t.data.data_ptr() for t in tensors()] == before        # the host tensors after
+    assert all(torch.equal(v, t) and v.dtype == t.dtype for v, t in zip(values, tensors()))

@@ -429,6 +429,13 @@ def test_cuda_graphed_sdxl_sampling_equals_eager(tiny_sdxl_folder):
     d = generate(sd, "another prompt", NEG, cuda_graph=False, **kw)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, d, atol=1e-5)
     assert (a - c).abs().max() > 1e-2
+    # offloaded (the model in host memory): each prompt's UNet stage records its own graph and drops it after
+    from models.cuda_graph import graphed_unet
+    host = load_model(tiny_sdxl_folder)
+    e = generate(host, PROMPT, NEG, cuda_graph=True, offload="cuda", **kw)
+    f = generate(host, "another prompt", NEG, cuda_graph=True, offload="cuda", **kw)
+    assert torch.allclose(a, e, atol=1e-5) and torch.allclose(d, f, atol=1e-5)
+    assert not graphed_unet(host.unet).graphs and host.unet.conv_in.weight.device.type == "cpu"
 
 
 def test_sdxl_bad_inputs_are_named(tiny_sdxl_folder, tiny_diffusers_folder, tmp_path):

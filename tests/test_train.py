@@ -70,6 +70,18 @@ def test_idle_vae_and_text_encoder_are_parked_and_come_back_for_previews(tiny_di
             moves.append((name, str(a[0]) if a else str(k)))
         return real_to(self, *a, **k)
     monkeypatch.setattr(torch.nn.Module, "to", spy)
+    import contextlib
+
+    import training.loop as loop_mod
+    real_parts_on = loop_mod.parts_on
+
+    @contextlib.contextmanager
+    def parts_spy(device, *modules):    # parts_on points the weights at copies, then back at the host tensors
+        moves.extend((getattr(m, "_spy_name", "?"), str(device)) for m in modules)
+        with real_parts_on(device, *modules):
+            yield
+        moves.extend((getattr(m, "_spy_name", "?"), "cpu") for m in modules)
+    monkeypatch.setattr(loop_mod, "parts_on", parts_spy)
     from models import load as load_mod
     real_load = load_mod.load_model
 
