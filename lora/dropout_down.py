@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from models import pdl
-from models.nhwc_group_norm import INTERPRET, available
+from models.triton_env import INTERPRET, available
 
 if available():
     import triton

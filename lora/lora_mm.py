@@ -21,7 +21,7 @@ import torch
 
 from lora.dropout_down import rank_block
 from models import pdl
-from models.nhwc_group_norm import available
+from models.triton_env import available
 
 if available():
     import triton

@@ -13,23 +13,19 @@ contiguous; everything else takes the eager formula. Tested against it in tests/
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from models import pdl
+from models.triton_env import INTERPRET, available
 
-try:
+if available():
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - torch builds without Triton (CPU wheels)
-    triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 
-if triton is not None:
+if available():
     @triton.jit
     def _gelu_parts(g):
         """Phi(g) and gelu(g) in fp32."""
@@ -86,7 +82,7 @@ class _GEGLU(torch.autograd.Function):
 
 
 def usable(p: torch.Tensor) -> bool:
-    return triton is not None and (p.is_cuda or INTERPRET) and p.shape[-1] % 2 == 0
+    return available() and (p.is_cuda or INTERPRET) and p.shape[-1] % 2 == 0
 
 
 def geglu(p: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from models import pdl
-from models.nhwc_group_norm import INTERPRET, available
+from models.triton_env import INTERPRET, available
 
 MAX_C = 8192  # one row per program's registers
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from models import pdl
-from models.nhwc_group_norm import available
+from models.triton_env import available
 
 if available():
     import triton

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from models import pdl
-from models.triton_env import INTERPRET, available  # INTERPRET: the other kernel modules import it from here
+from models.triton_env import INTERPRET, available
 
 if available():
     import triton

@@ -15,7 +15,7 @@ import torch
 
 from models import pdl
 from models.bias_folding import is_channels_last
-from models.nhwc_group_norm import INTERPRET, available
+from models.triton_env import INTERPRET, available
 
 if available():
     import triton

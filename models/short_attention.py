@@ -18,19 +18,16 @@ when, and attention() in models/blocks.py falls back to torch's SDPA otherwise.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from models import pdl
+from models.triton_env import INTERPRET, available
 
-try:
+if available():
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - torch builds without Triton (CPU wheels)
-    triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 enabled = True          # a process-wide off switch (experiments/bench/graph_ab.py compares the step without it)
 MAX_KEYS = 128
 MAX_HEAD_DIM = 64   # d = 80 (SD1.5's 32x32 level) measured slower than cuDNN's kernels: 122.6 against 92.6 us
@@ -40,15 +37,11 @@ FWD_CONFIG = (64, 4, 8)
 BWD_CONFIG = (64, 4, 4)
 
 
-def available() -> bool:
-    return triton is not None
-
-
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-if triton is not None:
+if available():
     @triton.jit
     def _tile(ptr, b, s_b, rows, s_row, n_rows, col, d, D: tl.constexpr):
         """Rows `rows` of batch b, one head's columns `col`, of a (B, tokens, H * D) tensor: (len(rows), BLOCK_D),
