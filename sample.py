@@ -103,6 +103,10 @@ def run(cfg: DictConfig) -> list[dict]:
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
     if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
         sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
+    if cfg.get("subpixel_upsample", "auto") is True or (cfg.get("subpixel_upsample", "auto") == "auto"
+                                                       and device.type == "cuda"):
+        sd.unet.set_subpixel_upsampling(True)   # models/subpixel_upsample.py: the same images, 4/9 of the MACs
+        sd.vae.set_subpixel_upsampling(True)
     native = sd.unet.config.sample_size * sd.vae.scale_factor  # what the model was trained at: SD1.5 512, SDXL 1024
     height, width = cfg.height or native, cfg.width or native
     init = load_init_image(to_absolute_path(cfg.init_image), width, height) if cfg.init_image else None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ahead, bias_folding, sdpa_backend
+from models import ahead, bias_folding, sdpa_backend, subpixel_upsample
 from models.autocast_off import autocast_off
 
 
@@ -102,9 +102,19 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     nhwc_kernel = False  # UNet.set_nhwc_upsampling: models/nhwc_upsample.py for channels_last inputs on CUDA
+    subpixel = False     # set_subpixel_upsampling: the conv on the low-resolution input (models/subpixel_upsample.py)
+
+    def release_caches(self) -> None:
+        """Drop what was derived from the weights (models/pipeline.parts_on, when they go back to host memory)."""
+        self.__dict__.pop("_parity", None)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.nhwc_kernel and (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])):
+        doubled = size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])
+        if self.subpixel and doubled and subpixel_upsample.usable(self.conv, x):
+            if "_parity" not in self.__dict__:
+                self._parity = subpixel_upsample.ParityKernelCache()
+            return subpixel_upsample.upsample_conv(x, self.conv, self._parity.get(self.conv.weight))
+        if self.nhwc_kernel and doubled:
             from models import nhwc_upsample  # Triton: imported only where asked for
             if nhwc_upsample.usable(x):
                 return self.conv(nhwc_upsample.upsample2x(x))

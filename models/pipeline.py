@@ -140,6 +140,10 @@ def parts_on(device, *modules):
             p.data = host
         for owner, name, b in buffers:
             owner._buffers[name] = b
+        for m in modules:   # what was derived from the device copies (models/subpixel_upsample.py's kernels)
+            for sub in m.modules():
+                if hasattr(sub, "release_caches"):
+                    sub.release_caches()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
 

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from models import ahead, bias_folding
 from models.autocast_off import autocast_off
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from models.subpixel_upsample import set_subpixel_upsampling
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
 # ignores `class_embed_type` would still make images, just wrong ones.
@@ -491,6 +492,11 @@ class UNet2DConditionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, Upsample2D):
                 m.nhwc_kernel = enabled
+
+    def set_subpixel_upsampling(self, enabled: bool = True) -> None:
+        """Each upsampler's nearest 2x + 3x3 conv as a 2x2 conv on its low-resolution input whose four output
+        parities are interleaved (models/subpixel_upsample.py): 4/9 of the multiply-adds, the same function."""
+        set_subpixel_upsampling(self, enabled)
 
     def set_fused_geglu(self, enabled: bool = True) -> None:
         """Each feed-forward's GEGLU gate in one Triton kernel forward and one backward (CUDA), instead of

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from models.subpixel_upsample import set_subpixel_upsampling
 
 
 @contextlib.contextmanager
@@ -206,6 +207,11 @@ class AutoencoderKL(nn.Module):
     def scale_factor(self) -> int:
         """Image pixels per latent pixel: 2**(levels - 1), 8 for SD."""
         return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def set_subpixel_upsampling(self, enabled: bool = True) -> None:
+        """The decoder's upsamplers in the sub-pixel form (models/subpixel_upsample.py): 4/9 of their
+        multiply-adds, the same function."""
+        set_subpixel_upsampling(self, enabled)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""

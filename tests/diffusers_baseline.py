@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, median_seconds,  # noqa: E402
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, cap_gpu_memory, median_seconds,  # noqa: E402
                                        peak_memory, reset_peak, split_peak, sync, world)
 from experiments.bench.world import CAPTIONS  # noqa: E402
 
@@ -149,23 +149,29 @@ def measure(name: str, part: str, mode: str, w: dict) -> dict:
             "lora_params": sum(p.numel() for p in params)}
 
 
-def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3, name: str = "sampling") -> dict:
+def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3, name: str = "sampling",
+           mode: str = "eager") -> dict:
+    """StableDiffusion(XL)Pipeline, s/image. mode: eager (the pipeline on the GPU), offload
+    (enable_model_cpu_offload: each model moved to the GPU for its stage, as our offload=true)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     folder, dev = w["model"], w["device"]
     c = CONFIGS[SAMPLING[name]]
     dtype = DT.get(w["sample_dtype"], torch.float32)
     if c.get("arch") == "sdxl":  # as load_lora_weights leaves it: the LoRA unmerged, in the model's dtype
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(dev)
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe = pipe if mode == "offload" else pipe.to(dev)
         pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
         add_lora(pipe.unet, c, 0.0, fp32=False)
         pipe.unet.eval()
     else:
-        unet, vae, te, tok = load(folder, dtype, dev)
+        unet, vae, te, tok = load(folder, dtype, "cpu" if mode == "offload" else dev)
         add_lora(unet, c, 0.0, fp32=False)  # as load_lora_weights leaves it: fp16, not fused
         unet.eval()
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if mode == "offload":
+        pipe.enable_model_cpu_offload(device=dev)
     pipe.set_progress_bar_config(disable=True)
     reset_peak(dev)
     size = w["resolution"]
@@ -177,7 +183,7 @@ def sample(w: dict, steps: int = 50, guidance: float = 7.5, repeats: int = 3, na
     peaks = []
     median, first = median_seconds(one, dev, repeats, lambda: (peaks.append(peak_memory(dev)), reset_peak(dev)))
     return {"impl": "diffusers+peft", "config": name, "part": f"ddim{steps}_cfg{guidance}_{size}",
-            "mode": "eager", "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
+            "mode": mode, "device": dev, "s_per_image": median, "first_call_s": first, **split_peak(dev, peaks[0])}
 
 
 def sampling_memory(w: dict) -> dict:
@@ -217,9 +223,11 @@ def sampling_memory(w: dict) -> dict:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    cap_gpu_memory(sys.argv, args)
     w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, args[0])
     if args[0] == "sampling_memory":
         print("diffusers", " ".join(f"{k}={v:.3f}" for k, v in sampling_memory(w).items()), flush=True)
         sys.exit(0)
-    res = sample(w, name=args[0]) if args[0] in SAMPLING else measure(args[0], args[1], args[2], w)
+    res = (sample(w, name=args[0], mode="offload" if args[2] == "offload" else "eager") if args[0] in SAMPLING
+           else measure(args[0], args[1], args[2], w))
     print("RESULT " + json.dumps(res), flush=True)

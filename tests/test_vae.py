@@ -43,6 +43,23 @@ def test_decode_matches_diffusers_and_slicing():
         assert (ours.decode(z, slice_size=1) - got).abs().max() <= 1e-4
 
 
+def test_decode_with_subpixel_upsampling_matches_diffusers(monkeypatch):
+    """models/subpixel_upsample.py: the decoder's upsamplers as 2x2 convs on their inputs, the same images."""
+    from models import subpixel_upsample as sp
+    from triton_helpers import count_calls
+    monkeypatch.setattr(sp, "MIN_PIXELS", 1)
+    monkeypatch.setattr(sp, "upsample_conv", sp.upsample_conv)   # restored after count_calls' wrapper
+    ref = diffusers_vae()
+    ours = ours_from(ref)
+    ours.set_subpixel_upsampling(True)
+    calls = count_calls(sp, "upsample_conv")
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref.decode(z).sample, ours.decode(z)
+    assert calls.get("n", 0) == sum(len(b.upsamplers or []) for b in ref.decoder.up_blocks) > 0
+    assert (got - want).abs().max() <= TOL * 10
+
+
 def test_scaling_factor_applied_both_ways():
     ref = diffusers_vae()
     ours = ours_from(ref)

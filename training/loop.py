@@ -129,6 +129,9 @@ class Trainer:
             self.sd.unet.set_bias_folding(True)
         if ours and self.channels_last and on("nhwc_upsample"):
             self.sd.unet.set_nhwc_upsampling(True)
+        if on("subpixel_upsample"):
+            self.sd.unet.set_subpixel_upsampling(True)
+            self.sd.vae.set_subpixel_upsampling(True)
         if ours and on("short_attention"):
             self.sd.unet.set_short_attention(True)
         if ours and on("ahead_stream"):

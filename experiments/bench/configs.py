@@ -103,3 +103,14 @@ def median_seconds(fn, device: str, repeats: int = 3, after_first=None) -> tuple
         sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2], first
+
+
+def cap_gpu_memory(argv: list[str], args: list[str]) -> None:
+    """`--gpu-gib N` in argv: act as a smaller GPU, the caching allocator may hold at most N GiB (N is also taken
+    out of the positional `args`). Used alike by our jobs and diffusers' (tests/diffusers_baseline.py)."""
+    if "--gpu-gib" not in argv:
+        return
+    import torch
+    cap = argv[argv.index("--gpu-gib") + 1]
+    args.remove(cap)
+    torch.cuda.set_per_process_memory_fraction(float(cap) * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)

@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, median_seconds, peak_memory, reset_peak,
-                                      split_peak, sync, world)
+from experiments.bench.configs import (CONFIGS, DROPOUT, LR, SAMPLING, cap_gpu_memory, median_seconds, peak_memory,
+                                      reset_peak, split_peak, sync, world)
 
 _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half_norms": "false",
         "train.nhwc_norms": "false", "train.fused_geglu": "false", "train.cast_lora_once": "false",
@@ -137,7 +136,8 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
     """50 DDIM steps with CFG (a negative prompt), the LoRA of SAMPLING[name] applied (not merged; the report's
     r32, or seed 004's r4 on SDXL), VAE decode: s/image.
     mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_torch_kernels, eager, offload (sample.py's
-    offload=true: the model in host memory, each part on the GPU only for its stage, no graph)."""
+    offload=true: the model in host memory, each part on the GPU only for its stage, the UNet's graph recorded for
+    each prompt), offload_eager (the same without the graph)."""
     dev = w["device"]
     one = sampler(mode, w, steps, guidance, name)
     reset_peak(dev)  # cuDNN benchmarking stays off, as in sample.py
@@ -154,28 +154,29 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     from models.load import as_dtype, load_model
     from models.pipeline import generate
     dev = w["device"]
-    offload = dev if mode == "offload" else None
+    offload = dev if mode.startswith("offload") else None
     sd = load_model(w["model"], dtype=w["sample_dtype"], device="cpu" if offload else dev)
     c = CONFIGS[SAMPLING[name]]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
         sd.unet.set_triton_kernels(True)
+    if dev == "cuda":                                   # as sample.py's subpixel_upsample=auto
+        sd.unet.set_subpixel_upsampling(True)
+        sd.vae.set_subpixel_upsampling(True)
     size = w["resolution"]
 
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
-                        cuda_graph=mode.startswith("graph"), offload=offload, decode_slice=1 if offload else None)
+                        cuda_graph=mode in ("graph", "graph_torch_kernels", "offload"), offload=offload,
+                        decode_slice=1 if offload else None)
     return one
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if "--gpu-gib" in sys.argv:  # act as a smaller GPU: the caching allocator may hold at most this many GiB
-        cap = float(sys.argv[sys.argv.index("--gpu-gib") + 1])
-        args.remove(sys.argv[sys.argv.index("--gpu-gib") + 1])
-        torch.cuda.set_per_process_memory_fraction(cap * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_gpu_memory(sys.argv, args)
     name, part, mode = args[:3]
     w = world(args[3] if len(args) > 3 else "/tmp/bench", "--tiny" in sys.argv, name)
     res = sample(mode, w, name=name) if name in SAMPLING else measure(name, part, mode, w)
