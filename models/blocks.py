@@ -103,6 +103,7 @@ class Upsample2D(nn.Module):
 
     nhwc_kernel = False  # UNet.set_nhwc_upsampling: models/nhwc_upsample.py for channels_last inputs on CUDA
     subpixel = False     # set_subpixel_upsampling: the conv on the low-resolution input (models/subpixel_upsample.py)
+    keep_parity_kernels = True   # its kernels kept between calls (off under gradient checkpointing: memory first)
 
     def release_caches(self) -> None:
         """Drop what was derived from the weights (models/pipeline.parts_on, when they go back to host memory)."""
@@ -111,9 +112,11 @@ class Upsample2D(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])
         if self.subpixel and doubled and subpixel_upsample.usable(self.conv, x):
-            if "_parity" not in self.__dict__:
-                self._parity = subpixel_upsample.ParityKernelCache()
-            return subpixel_upsample.upsample_conv(x, self.conv, self._parity.get(self.conv.weight))
+            kernels = None
+            if self.keep_parity_kernels:
+                cache = self.__dict__.setdefault("_parity", subpixel_upsample.ParityKernelCache())
+                kernels = cache.get(self.conv.weight, subpixel_upsample.layout(x))
+            return subpixel_upsample.upsample_conv(x, self.conv, kernels)
         if self.nhwc_kernel and doubled:
             from models import nhwc_upsample  # Triton: imported only where asked for
             if nhwc_upsample.usable(x):

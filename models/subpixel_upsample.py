@@ -41,18 +41,21 @@ enabled = True   # a process-wide off switch (experiments/bench/graph_ab.py comp
 # 0.15 against 0.23); experiments/bench/subpixel_probe.py, RESULTS.md session 13.
 MIN_PIXELS = 1024
 
-# R[a] (2 taps x 3 kernel rows): which of the 3x3 kernel's rows each of parity a's two input rows collects
-_R = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-
-def parity_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, 3, 3) -> (4 * Cout, Cin, 2, 2): output channel (2a + c) * Cout + o holds K_ac = R_a W_o R_c^T,
-    summed in fp32 (fp64 weights: fp64) and rounded once to the weight's dtype."""
+def parity_kernels(weight: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> (4 * Cout, Cin, 2, 2) in `memory_format`: output channel (2a + c) * Cout + o holds
+    K_ac = R_a W_o R_c^T, summed in fp32 (fp64 weights: fp64) and rounded once to the weight's dtype."""
     cout, cin = weight.shape[:2]
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    r = torch.tensor(_R, dtype=acc, device=weight.device)                     # (2 parities, 2 taps, 3 rows)
-    k = torch.einsum("aur,oirs,cvs->acoiuv", r, weight.to(acc), r)            # (2, 2, Cout, Cin, 2, 2)
-    return k.reshape(4 * cout, cin, 2, 2).to(weight.dtype)
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    rows = torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2], w[:, :, 0] + w[:, :, 1], w[:, :, 2]))  # (a u, O, I, 3)
+    k = torch.stack((rows[..., 0], rows[..., 1] + rows[..., 2], rows[..., 0] + rows[..., 1], rows[..., 2]),
+                    -1)                                                                            # (a u, O, I, c v)
+    out = torch.empty(4 * cout, cin, 2, 2, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
+    out.view(2, 2, cout, cin, 2, 2).copy_(k.view(2, 2, cout, cin, 2, 2).permute(0, 4, 2, 3, 1, 5))  # (a, c, O, I, u, v)
+    return out
+
+
+def layout(t: torch.Tensor):
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def _parity_views(z: torch.Tensor, y: torch.Tensor, cout: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +69,6 @@ def _parity_views(z: torch.Tensor, y: torch.Tensor, cout: int) -> tuple[torch.Te
     zv = z.as_strided(size, (zb, zc, zh, zh + 2 * cout * zc, zw, zw + cout * zc), z.storage_offset())
     yv = y.as_strided(size, (yb, yc, 2 * yh, yh, 2 * yw, yw), y.storage_offset())
     return zv, yv
-
-
-def _like(t: torch.Tensor, shape: tuple) -> torch.Tensor:
-    fmt = torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
-        else torch.contiguous_format
-    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
 
 
 if available():
@@ -127,51 +124,74 @@ def _triton_path(z: torch.Tensor) -> bool:
     return available() and (z.is_cuda or INTERPRET) and is_channels_last(z)
 
 
-class _Interleave(torch.autograd.Function):
-    """Z's four parities into y, plus the bias: forward one strided pass, backward one gather (Triton kernels
-    for channels_last tensors on CUDA, torch's strided add and copy elsewhere)."""
+def _interleave(z: torch.Tensor, bias: torch.Tensor | None, cout: int) -> torch.Tensor:
+    """Z's four parities into y, plus the bias: one strided pass (Triton for channels_last on CUDA)."""
+    b, _, h1, w1 = z.shape
+    h, w = h1 - 1, w1 - 1
+    y = torch.empty(b, cout, 2 * h, 2 * w, dtype=z.dtype, device=z.device, memory_format=layout(z))
+    if _triton_path(z):
+        bp, bc = _blocks(cout)
+        pixels = b * 4 * h * w
+        _interleave_kernel[(triton.cdiv(pixels, bp), triton.cdiv(cout, bc))](
+            z, z if bias is None else bias, y, pixels, h, w, cout, HAS_BIAS=bias is not None,
+            BLOCK_P=bp, BLOCK_C=bc, **pdl.kw(z))
+        return y
+    zv, yv = _parity_views(z, y, cout)
+    if bias is None:
+        yv.copy_(zv)
+    else:
+        torch.add(zv, bias.to(z.dtype).view(1, cout, 1, 1, 1, 1), out=yv)
+    return y
+
+
+def _gather(dy: torch.Tensor, z_shape: tuple, fmt) -> torch.Tensor:
+    """The transpose of _interleave: dZ from dy, zeros in the padding's row and column of each parity."""
+    b, c4, h1, w1 = z_shape
+    cout = c4 // 4
+    if fmt == torch.channels_last and available() and (dy.is_cuda or INTERPRET):
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dz = torch.empty(z_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
+        bq, bc = _blocks(cout)
+        pixels = b * h1 * w1
+        _gather_kernel[(triton.cdiv(pixels, bq), 4 * triton.cdiv(cout, bc))](
+            dy, dz, pixels, h1 - 1, w1 - 1, cout, BLOCK_Q=bq, BLOCK_C=bc, **pdl.kw(dy))
+        return dz
+    dz = torch.empty(z_shape, dtype=dy.dtype, device=dy.device, memory_format=fmt).zero_()
+    zv, yv = _parity_views(dz, dy, cout)
+    zv.copy_(yv)
+    return dz
+
+
+class _SubpixelConv(torch.autograd.Function):
+    """y = interleave(conv2x2(x, K, padding=1)) + b. Nothing of x is kept for the backward (the weight is frozen:
+    dx = conv2x2^T(gather(dy), K) needs only K), where torch's convolution would keep its input: up2(x), 4x as
+    large, in the direct form. K is the caller's (kept) or computed again in the backward from W."""
 
     @staticmethod
-    def forward(ctx, z, bias, cout: int):
-        b, _, h1, w1 = z.shape
-        h, w = h1 - 1, w1 - 1
-        ctx.cout, ctx.z_shape, ctx.has_bias = cout, z.shape, bias is not None
-        ctx.triton, ctx.nhwc = _triton_path(z), is_channels_last(z)
-        if ctx.triton:
-            y = torch.empty(b, cout, 2 * h, 2 * w, dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
-            bp, bc = _blocks(cout)
-            pixels = b * 4 * h * w
-            _interleave_kernel[(triton.cdiv(pixels, bp), triton.cdiv(cout, bc))](
-                z, z if bias is None else bias, y, pixels, h, w, cout, HAS_BIAS=bias is not None,
-                BLOCK_P=bp, BLOCK_C=bc, **pdl.kw(z))
-            return y
-        fmt = torch.channels_last if ctx.nhwc else torch.contiguous_format
-        y = torch.empty(b, cout, 2 * h, 2 * w, dtype=z.dtype, device=z.device, memory_format=fmt)
-        zv, yv = _parity_views(z, y, cout)
-        if bias is None:
-            yv.copy_(zv)
-        else:
-            torch.add(zv, bias.to(z.dtype).view(1, cout, 1, 1, 1, 1), out=yv)
+    def forward(ctx, x, weight, bias, kernels):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        fmt = layout(x)
+        k = kernels if kernels is not None else parity_kernels(weight, fmt)
+        with torch.autocast(dev, enabled=False):
+            z = F.conv2d(x.to(dtype), k.to(dtype), None, 1, 1)                 # (B, 4 Cout, h + 1, w + 1)
+            y = _interleave(z, bias, weight.shape[0])                          # (B, Cout, 2h, 2w)
+        ctx.save_for_backward(weight, kernels)
+        ctx.meta = (x.dtype, dtype, fmt, z.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        b, _, h1, w1 = ctx.z_shape
-        cout = ctx.cout
-        if ctx.triton:
-            dy = dy.contiguous(memory_format=torch.channels_last)
-            dz = torch.empty(ctx.z_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
-            bq, bc = _blocks(cout)
-            pixels = b * h1 * w1
-            _gather_kernel[(triton.cdiv(pixels, bq), 4 * triton.cdiv(cout, bc))](
-                dy, dz, pixels, h1 - 1, w1 - 1, cout, BLOCK_Q=bq, BLOCK_C=bc, **pdl.kw(dy))
-            return dz, db, None
-        fmt = torch.channels_last if ctx.nhwc else torch.contiguous_format
-        dz = torch.empty(ctx.z_shape, dtype=dy.dtype, device=dy.device, memory_format=fmt).zero_()  # padding: 0
-        zv, yv = _parity_views(dz, dy, cout)
-        zv.copy_(yv)
-        return dz, db, None
+        weight, kernels = ctx.saved_tensors
+        x_dtype, dtype, fmt, z_shape = ctx.meta
+        db = dy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            k = kernels if kernels is not None else parity_kernels(weight, fmt)
+            with torch.autocast(dy.device.type, enabled=False):
+                dz = _gather(dy.to(dtype), z_shape, fmt)
+                dx = F.conv_transpose2d(dz, k.to(dtype), None, 1, 1).to(x_dtype)   # (B, Cin, h, w)
+        return dx, None, db, None
 
 
 def usable(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -192,12 +212,12 @@ class ParityKernelCache:
     def __init__(self):
         self.source, self.key, self.kernels = None, None, None
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+    def get(self, weight: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, memory_format)
         if self.source is None or self.source.expired() or key != self.key:
             self.kernels = None
             self.source, self.key = StorageWeakRef(weight.untyped_storage()), key
-            self.kernels = parity_kernels(weight.detach())
+            self.kernels = parity_kernels(weight.detach(), memory_format)
         return self.kernels
 
 
@@ -211,7 +231,6 @@ def set_subpixel_upsampling(model: nn.Module, enabled: bool = True) -> None:
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, kernels: torch.Tensor | None = None) -> torch.Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for x (B, Cin, h, w) -> (B, Cout, 2h, 2w), in x's
-    memory layout. `kernels`: parity_kernels(conv.weight), if already at hand."""
-    k = parity_kernels(conv.weight) if kernels is None else kernels
-    z = F.conv2d(x, k.to(x.dtype), None, 1, 1)                                  # (B, 4 Cout, h + 1, w + 1)
-    return _Interleave.apply(z, conv.bias, conv.out_channels)
+    memory layout. `kernels`: parity_kernels(conv.weight, layout(x)), kept by the caller; None: computed here and
+    again in the backward (nothing kept: gradient checkpointing's choice, memory over time)."""
+    return _SubpixelConv.apply(x, conv.weight, conv.bias, kernels)

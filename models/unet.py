@@ -524,7 +524,8 @@ class UNet2DConditionModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
                                    context_fn=None) -> None:
         """Recompute each resnet and transformer (each transformer block, where a transformer has several) in the
-        backward pass: about 1/2 the activation memory.
+        backward pass: about 1/2 the activation memory. The upsamplers' sub-pixel kernels are then not kept
+        between calls either (SDXL: 65 MB).
         preserve_rng_state=False skips saving the RNG per block (needed inside a CUDA graph; correct only
         when nothing random runs in the blocks, or when the randomness is replayed: context_fn, e.g.
         lora.mask_replay.context_fn for LoRA dropout)."""
@@ -533,6 +534,9 @@ class UNet2DConditionModel(nn.Module):
                 m.gradient_checkpointing = enabled
                 m.preserve_rng_state = preserve_rng_state
                 m.checkpoint_context = context_fn
+            if isinstance(m, Upsample2D):   # sub-pixel kernels computed per call, not kept (models/subpixel_upsample.py)
+                m.keep_parity_kernels = not enabled
+                m.release_caches()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -29,7 +29,9 @@ def test_subpixel_form_equals_upsampling_then_conv_in_fp64(shape, layout):
     conv.bias.requires_grad_(True)          # a trained bias gets its gradient too
     x = torch.randn(b, cin, h, w, dtype=torch.float64).to(memory_format=layout).requires_grad_()
     assert sp.usable(conv, x)
+    kept = sp.parity_kernels(conv.weight, sp.layout(x))
     y, y2 = sp.upsample_conv(x, conv), direct(x, conv)
+    assert torch.equal(y, sp.upsample_conv(x, conv, kept))             # kernels kept or computed per call
     assert y.shape == (b, cout, 2 * h, 2 * w) and y.is_contiguous(memory_format=layout)
     dy = torch.randn_like(y2)
     gx, gb = torch.autograd.grad(y, (x, conv.bias), dy)
@@ -46,6 +48,9 @@ def test_parity_kernels_by_hand():
     assert k[1].tolist() == [[1 + 2, 3], [4 + 5 + 7 + 8, 6 + 9]]
     assert k[2].tolist() == [[1 + 4, 2 + 3 + 5 + 6], [7, 8 + 9]]
     assert k[3].tolist() == [[1 + 2 + 4 + 5, 3 + 6], [7 + 8, 9]]
+    w = torch.randn(5, 3, 3, 3)
+    assert torch.equal(sp.parity_kernels(w, torch.channels_last), sp.parity_kernels(w))   # the same values
+    assert sp.parity_kernels(w, torch.channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_usable_only_for_frozen_plain_3x3_convolutions():
@@ -66,6 +71,7 @@ def test_parity_kernel_cache_follows_the_weight():
     cache = sp.ParityKernelCache()
     k1 = cache.get(conv.weight)
     assert cache.get(conv.weight) is k1                       # reused while nothing changed
+    assert cache.get(conv.weight, torch.channels_last) is not k1 and cache.get(conv.weight) is not k1
     with torch.no_grad():
         conv.weight += 1.0                                    # an in-place update (a LoRA merge) bumps the version
     k2 = cache.get(conv.weight)
@@ -95,6 +101,25 @@ def test_unet_upsamplers_go_through_it_with_the_same_output(channels_last, monke
     assert (y0 - y1).abs().max() < 1e-5 * y0.abs().max() and (g0 - g1).abs().max() < 1e-5 * g0.abs().max()
 
 
+def test_gradient_checkpointing_keeps_no_kernels_and_the_same_gradients(monkeypatch):
+    """Under checkpointing the parity kernels are computed per call (and in the backward), none kept."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from triton_helpers import unet_on_off
+
+    from models.blocks import Upsample2D
+
+    def toggle(u, on):
+        u.set_subpixel_upsampling(True)
+        u.set_gradient_checkpointing(on)
+        u.train(on)
+    unet, ((y0, g0), (y1, g1)), _ = unet_on_off(toggle)
+    ups = [m for m in unet.modules() if isinstance(m, Upsample2D)]
+    assert ups and all(not m.keep_parity_kernels and "_parity" not in m.__dict__ for m in ups)
+    assert (y0 - y1).abs().max() < 1e-6 and (g0 - g1).abs().max() < 1e-6 * g0.abs().max()
+
+
 SCRIPT = r'''
 import torch, torch.nn.functional as F
 from torch import nn
@@ -104,20 +129,22 @@ torch.manual_seed(0)
 for (b, cin, cout, h, w, bias) in [(2, 6, 40, 3, 5, True), (1, 4, 3, 4, 4, False), (2, 8, 136, 2, 3, True)]:
     conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias).requires_grad_(False)
     x = torch.randn(b, cin, h, w).to(memory_format=torch.channels_last).requires_grad_()
-    k = sp.parity_kernels(conv.weight)
-    z = F.conv2d(x, k, None, 1, 1)
+    z = F.conv2d(x.detach(), sp.parity_kernels(conv.weight, torch.channels_last), None, 1, 1)
     assert sp._triton_path(z) and not sp._triton_path(z.contiguous())
-    y = sp._Interleave.apply(z, conv.bias, cout)                       # the Triton kernels
-    y2 = sp._Interleave.apply(z.contiguous(), conv.bias, cout)         # torch's strided ops
+    y = sp._interleave(z, conv.bias, cout)                       # the Triton kernel
+    y2 = sp._interleave(z.contiguous(), conv.bias, cout)         # torch's strided add
     assert torch.equal(y, y2) and y.is_contiguous(memory_format=torch.channels_last), (b, cin, cout, h, w)
     dy = torch.randn_like(y)
-    dz, = torch.autograd.grad(y, z, dy)
-    dz2, = torch.autograd.grad(y2, z, dy)
-    assert torch.equal(dz, dz2.contiguous(memory_format=torch.channels_last))
-    dz3, = torch.autograd.grad(sp._Interleave.apply(z, conv.bias, cout), z, dy.contiguous())   # an NCHW gradient
-    assert torch.equal(dz3, dz)
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    dz = sp._gather(dy, z.shape, cl)                             # the Triton kernel
+    assert torch.equal(dz, sp._gather(dy, z.shape, nchw).contiguous(memory_format=cl))
+    assert torch.equal(sp._gather(dy.contiguous(), z.shape, cl), dz)   # an NCHW gradient is laid out first
     ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert (sp.upsample_conv(x, conv) - ref).abs().max() < 1e-5
+    got = sp.upsample_conv(x, conv)
+    assert (got - ref).abs().max() < 1e-5 and got.is_contiguous(memory_format=cl)
+    gx, = torch.autograd.grad(got, x, dy)
+    gx2, = torch.autograd.grad(ref, x, dy)
+    assert (gx - gx2).abs().max() < 1e-4 and gx.is_contiguous(memory_format=cl)
 print("ok")
 '''
 
