@@ -124,6 +124,9 @@ class CoderBlock(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x):
+        """x: (B, C, H, W), or a one-element list holding it, which is emptied: then, without grad, nothing
+        outside keeps the block's input alive once its first resnet is done (see Encoder.forward)."""
+        x = x.pop() if isinstance(x, list) else x
         for r in self.resnets:
             x = r(x)
         if hasattr(self, "downsamplers"):
@@ -146,10 +149,14 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(boc[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x)
+        # Each block takes its input out of a list: a plain argument stays referenced by this frame and by
+        # Module.__call__ until the block returns, so without grad (the frozen VAE) the 1024x1024 fp32 encode
+        # kept conv_in's 0.5 GiB output alive through the first block (SDXL's full step peaked there;
+        # experiments/bench/RESULTS.md, session 13).
+        x = [self.conv_in(x)]
         for blk in self.down_blocks:
-            x = blk(x)
-        x = self.mid_block(x)
+            x = [blk(x)]
+        x = self.mid_block(x.pop())
         return self.conv_out(F.silu(self.conv_norm_out(x)))     # (B, 2*latent, h, w)
 
 
@@ -166,10 +173,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for blk in self.up_blocks:
-            x = blk(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))     # (B, 3, H, W)
+        x = [self.mid_block(self.conv_in(z))]
+        for blk in self.up_blocks:           # each takes its input out of the list, as in Encoder.forward
+            x = [blk(x)]
+        return self.conv_out(F.silu(self.conv_norm_out(x.pop())))     # (B, 3, H, W)
 
 
 @dataclass
