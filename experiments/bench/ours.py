@@ -23,7 +23,8 @@ _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half
         "train.fold_biases": "false", "train.fused_lora_backward": "false",
         "train.triton_lora_dropout": "false", "train.fused_layer_norms": "false", "train.nhwc_upsample": "false",
         "train.triton_lora_gemm": "false", "train.short_attention": "false",
-        "train.lora_grad_stream": "false", "train.ahead_stream": "false", "train.pdl": "false"}
+        "train.lora_grad_stream": "false", "train.ahead_stream": "false", "train.pdl": "false",
+        "train.subpixel_upsample": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -43,7 +44,8 @@ MODES = {  # name -> train.* overrides
     "eager_default": _mode(channels_last=1, half_norms=1, nhwc_norms=1, fused_geglu=1, cast_lora_once=1,
                            fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1,
                            fused_layer_norms=1, nhwc_upsample=1, triton_lora_gemm=1,
-                           short_attention=1, lora_grad_stream=1, ahead_stream=1, pdl=1),  # the default, eagerly
+                           short_attention=1, lora_grad_stream=1, ahead_stream=1, pdl=1,
+                           subpixel_upsample=1),  # the default, eagerly
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -61,6 +63,7 @@ MODES = {  # name -> train.* overrides
     "default_no_grad_stream": ["train.lora_grad_stream=false"],  # LoRA weight gradients on the main stream
     "default_no_ahead": ["train.ahead_stream=false"],  # text/timestep projections inline on the main stream
     "default_no_pdl": ["train.pdl=false"],             # our Triton kernels launched plainly (no programmatic dependent launch)
+    "default_no_subpixel": ["train.subpixel_upsample=false"],  # the upsamplers' conv on the upsampled image
     "default_no_cudnn_benchmark": ["train.cudnn_benchmark=false"],  # cuDNN's heuristic choice: no timed search
     "default_no_graph": ["train.cuda_graph=false"],            # the step launched eagerly (no graph pool)
     "default_all_algos": ["train.cudnn_benchmark_limit=0"],    # cuDNN times every convolution algorithm
