@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", nargs="?", help="a run folder (with samples/ and config.yaml)")
     ap.add_argument("--fid", nargs=2, metavar=("DIR_A", "DIR_B"), help="FID between two image folders")
     ap.add_argument("--references", help="reference images (default: the run's data.path)")
-    ap.add_argument("--inception", help=f"path of the FID Inception weights")
+    ap.add_argument("--inception", help="path of the FID Inception weights")
     ap.add_argument("--lpips-backbone", help="path of torchvision's AlexNet weights")
     ap.add_argument("--by-step", action="store_true", help="PSNR/SSIM of each checkpoint (seed 003)")
     ap.add_argument("--seed", type=int, default=0)

@@ -180,7 +180,7 @@ def test_resume_continues_exactly(tiny_diffusers_folder, tiny_data, tmp_path):
     a, b = lora_file(tmp_path / "full"), lora_file(tmp_path / "part")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # and it is not trivially equal: a different seed ends elsewhere
-    other = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "other", *common, "seed=7")).run()
+    Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / "other", *common, "seed=7")).run()
     c = lora_file(tmp_path / "other")
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))
     # Uncached latents through 2 DataLoader workers, resumed: equal to the same uncached run in one go.

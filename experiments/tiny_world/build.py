@@ -21,12 +21,16 @@ import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data.procedural import TRIGGER, captions, make_image
+
+if TYPE_CHECKING:
+    from models.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[2]
 N_SUBJECT, N_PRIOR = 151, 100
