@@ -172,20 +172,49 @@ def encode_all(vae, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, te, tok, vae, lat, caps, device, steps: int, lr: float, log, train_text: bool, seed: int,
-               batch: int = 256, budget=None) -> int:
+class SD15Text:
+    """What train_unet conditions on for an SD1.x base: the text encoder's last hidden states; a dropped prompt
+    is the empty prompt's tokens (so classifier-free guidance has an unconditional model)."""
+
+    def __init__(self, te, tok, train_text: bool):
+        from models.text import tokenize
+        self.te, self.tok, self.train_text = te, tok, train_text
+        self.empty = tokenize(tok, [""])[0]
+
+    def ids(self, caps: list[str]) -> list[torch.Tensor]:
+        from models.text import tokenize
+        return [tokenize(self.tok, caps)]                                   # [(N, 77)]
+
+    def encoders(self) -> list:
+        return [self.te]
+
+    def modules(self) -> list:
+        """The encoders trained with the UNet."""
+        return [self.te] if self.train_text else []
+
+    def __call__(self, ids: list[torch.Tensor], drop: torch.Tensor, device) -> tuple[torch.Tensor, dict | None]:
+        from models.text import encode_text
+        ids = ids[0].clone()
+        ids[drop] = self.empty
+        return encode_text(self.te, ids.to(device)), None
+
+
+def train_unet(unet, text, lat, sf: float, caps, device, steps: int, lr: float, log, seed: int, batch: int = 256,
+               budget=None) -> int:
+    """Epsilon prediction on SD's scaled-linear schedule, on latents (mean, std) x the VAE's scaling factor sf;
+    `text` (SD15Text or sdxl.SDXLText) says what the UNet is conditioned on and which text encoders train with
+    it (the others frozen); 10% of prompts dropped."""
     from models.schedule import NoiseSchedule
-    from models.text import encode_text, tokenize
     sched = NoiseSchedule.from_config(SCHEDULER)
     mean, std = lat
-    ids_all = tokenize(tok, caps)                                         # (N, 77)
-    empty = tokenize(tok, [""])[0]
-    params = list(unet.parameters()) + (list(te.parameters()) if train_text else [])
-    unet.train(), te.train(train_text)
-    te.requires_grad_(train_text)
+    ids_all = text.ids(caps)
+    trained = text.modules()
+    params = list(unet.parameters()) + [p for m in trained for p in m.parameters()]
+    unet.train()
+    for m in text.encoders():
+        m.train(m in trained).requires_grad_(m in trained)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
-    sf = vae.config.scaling_factor
     ac = sched.alphas_cumprod.to(device).float()
     sb = StepBudget(steps, budget)
     step = 0
@@ -193,9 +222,8 @@ def train_unet(unet, te, tok, vae, lat, caps, device, steps: int, lr: float, log
         sb.tick(step)
         idx = torch.randint(0, mean.shape[0], (batch,), generator=g)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(device)) * sf
-        ids = ids_all[idx].clone()
+        ids = [i[idx] for i in ids_all]
         drop = torch.rand(len(idx), generator=g) < 0.1                     # 10% empty prompts: CFG works
-        ids[drop] = empty
         noise = torch.randn(z0.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
         a = ac[t].view(-1, 1, 1, 1)
@@ -203,8 +231,8 @@ def train_unet(unet, te, tok, vae, lat, caps, device, steps: int, lr: float, log
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / sb.total)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ctx = encode_text(te, ids.to(device))
-            pred = unet(zt, t, ctx)
+            ctx, added = text(ids, drop, device)
+            pred = unet(zt, t, ctx, added_cond=added)
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,8 +241,9 @@ def train_unet(unet, te, tok, vae, lat, caps, device, steps: int, lr: float, log
         if step % 500 == 0 or step == sb.total - 1:
             log(f"unet step {step}/{sb.total} loss {loss.item():.4f}")
         step += 1
-    unet.eval(), te.eval()
-    te.requires_grad_(False)
+    unet.eval()
+    for m in trained:
+        m.eval().requires_grad_(False)
     return sb.total
 
 
@@ -280,15 +309,16 @@ def build_all(out: Path, device: torch.device, scale: float = 1.0, budget: float
         unet = UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device)
         lr0, seed0 = 5e-4, 2
     lat_plain = encode_all(vae, cls_plain, device)
-    s1 = train_unet(unet, te, tok, vae, lat_plain, caps_plain, device, n(12000), lr0, log, train_text=True,
+    sf = vae.config.scaling_factor
+    s1 = train_unet(unet, SD15Text(te, tok, train_text=True), lat_plain, sf, caps_plain, device, n(12000), lr0, log,
                     seed=seed0, batch=bs(256), budget=part(0.50))
     base = StableDiffusion(unet, vae, te, tok, dict(SCHEDULER), "tiny-sd15")
     save_diffusers_folder(base, out / "tiny-sd15", dtype="fp16")
     log("tiny-sd15 saved")
 
     lat_real = encode_all(vae, cls_real, device)
-    s2 = train_unet(unet, te, tok, vae, lat_real, caps_real, device, n(4000), 2e-4, log, train_text=False, seed=3,
-                    batch=bs(256), budget=part(0.17))
+    s2 = train_unet(unet, SD15Text(te, tok, train_text=False), lat_real, sf, caps_real, device, n(4000), 2e-4, log,
+                    seed=3, batch=bs(256), budget=part(0.17))
     save_diffusers_folder(StableDiffusion(unet, vae, te, tok, dict(SCHEDULER), "tiny-realistic"),
                           out / "tiny-realistic", dtype="fp16")
     log("tiny-realistic saved")
