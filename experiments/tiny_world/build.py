@@ -188,7 +188,7 @@ class SD15Text:
     def encoders(self) -> list:
         return [self.te]
 
-    def modules(self) -> list:
+    def trained(self) -> list:
         """The encoders trained with the UNet."""
         return [self.te] if self.train_text else []
 
@@ -208,7 +208,7 @@ def train_unet(unet, text, lat, sf: float, caps, device, steps: int, lr: float, 
     sched = NoiseSchedule.from_config(SCHEDULER)
     mean, std = lat
     ids_all = text.ids(caps)
-    trained = text.modules()
+    trained = text.trained()
     params = list(unet.parameters()) + [p for m in trained for p in m.parameters()]
     unet.train()
     for m in text.encoders():

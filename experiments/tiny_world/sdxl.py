@@ -52,7 +52,7 @@ class SDXLText:
     def encoders(self) -> list:
         return [self.sd.text_encoder, self.sd.text_encoder_2]
 
-    def modules(self) -> list:
+    def trained(self) -> list:
         return [self.sd.text_encoder_2]
 
     def __call__(self, ids: list[torch.Tensor], drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
@@ -76,16 +76,16 @@ def build_sdxl(out: Path, device: torch.device, scale: float = 1.0, budget: floa
     t0 = time.time()
     log = lambda m: print(f"[{time.time() - t0:7.1f}s] {m}", flush=True)  # noqa: E731
     n = lambda k: max(1, int(k * scale))  # noqa: E731
-    prev = load_model(base, device=device)
-    torch.manual_seed(4)
-    sd = StableDiffusion(UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device), prev.vae, prev.text_encoder,
-                         prev.tokenizer, dict(SCHEDULER), "tiny-sdxl",
-                         text_encoder_2=build_text_encoder(TEXT_2).to(device),
-                         tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN_2), force_zeros_for_empty_prompt=True)
-    lr, seed = 5e-4, 5
     if continue_from is not None:
-        sd = load_model(continue_from, device=device)
-        lr, seed = 3e-4, 6
+        sd, lr, seed = load_model(continue_from, device=device), 3e-4, 6
+    else:
+        prev = load_model(base, device=device)
+        torch.manual_seed(4)
+        sd = StableDiffusion(UNet2DConditionModel(UNetConfig.from_dict(UNET)).to(device), prev.vae,
+                             prev.text_encoder, prev.tokenizer, dict(SCHEDULER), "tiny-sdxl",
+                             text_encoder_2=build_text_encoder(TEXT_2).to(device),
+                             tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN_2), force_zeros_for_empty_prompt=True)
+        lr, seed = 5e-4, 5
     images, caps = render_many(range(CLASS_SEED, CLASS_SEED + n(8000)), False, "plain")
     log(f"rendered {len(images)} class images")
     lat = encode_all(sd.vae, images, device)
