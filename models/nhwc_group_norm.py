@@ -10,8 +10,6 @@ s with these kernels, 0.0585 s with the SiLU fused and the reductions split into
 Statistics per (sample b, group g) over H*W*C/G values in fp32: each group is split into tiles (many
 programs, so the reduction fills the GPU), each tile's mean and squared deviations from it are taken in
 two passes over registers (no cancellation), and the tiles are combined exactly (Chan et al. 1979).
-With `row_stats` (off until timed) the tiles are the elementwise kernels' instead, whole channel rows read
-coalesced, their per-channel partials combined per group afterwards.
 The backward for x (weight and bias frozen, as in LoRA training):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * weight,  means over the (b, g) group
@@ -179,84 +177,6 @@ if available():
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
-    def _row_stats_kernel(x_ptr, shift_ptr, pmean_ptr, pm2_ptr, HW, C, S, SHIFT: tl.constexpr,
-                          BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
-        """Row tiles over whole channel rows (coalesced, as the elementwise kernels read): per channel c of
-        sample b, the tile's mean and sum of squared deviations -> part[b, tile, c]; _combine_row_stats_kernel
-        combines them over the tiles and the group's channels."""
-        pdl.start(PDL)
-        b, tile = tl.program_id(0), tl.program_id(1)
-        r = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        mask = (r[:, None] < HW) & cm[None, :]
-        x = tl.load(x_ptr + b * HW * C + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        if SHIFT:
-            x = tl.where(mask, x + tl.load(shift_ptr + b * C + c, mask=cm, other=0.0)[None, :], 0.0)
-        n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW)
-        mean = tl.sum(x, axis=0) / n                                              # (BLOCK_C,)
-        d = tl.where(mask, x - mean[None, :], 0.0)
-        out = (b * S + tile) * C + c
-        tl.store(pmean_ptr + out, mean, mask=cm)
-        tl.store(pm2_ptr + out, tl.sum(d * d, axis=0), mask=cm)
-
-    @triton.jit
-    def _combine_row_stats_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, HW, C, CG, G, S, eps,
-                                  BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
-                                  PDL: tl.constexpr = False):
-        """Per (b, g): Chan et al.'s combination (as _combine_stats_kernel) over S tiles x CG channels."""
-        pdl.start(PDL)
-        pid = tl.program_id(0)
-        b, g = pid // G, pid % G
-        s, c = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_CG)
-        m = (s[:, None] < S) & (c[None, :] < CG)
-        n_s = tl.minimum(HW - s * BLOCK_HW, BLOCK_HW).to(tl.float32)
-        n_sc = tl.where(m, n_s[:, None], 0.0)                                    # (BLOCK_S, BLOCK_CG)
-        off = (b * S + s[:, None]) * C + g * CG + c[None, :]
-        mean_sc = tl.load(pmean_ptr + off, mask=m, other=0.0)
-        m2_sc = tl.load(pm2_ptr + off, mask=m, other=0.0)
-        n = tl.sum(n_sc, axis=None)
-        mean = tl.sum(n_sc * mean_sc, axis=None) / n
-        dm = tl.where(m, mean_sc - mean, 0.0)
-        m2 = tl.sum(m2_sc + n_sc * dm * dm, axis=None)
-        tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / n + eps))
-
-    @triton.jit
-    def _row_grad_stats_kernel(x_ptr, shift_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psg_ptr, psgx_ptr, HW,
-                               C, CG, G, S, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
-                               BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
-        """Row tiles (as _grad_x_kernel reads): per channel, the tile's sums of g = dy * w and of g * xhat
-        -> part[b, tile, c]; _sum_row_parts_kernel sums them over the tiles and the group's channels."""
-        pdl.start(PDL)
-        xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
-                                                             SHIFT, BLOCK_HW, BLOCK_C)
-        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        if SILU:
-            dy = _silu_grad(dy, xhat, w, b_ptr, c, cm)
-        gr = tl.where(mask, dy * w[None, :], 0.0)
-        out = (tl.program_id(0) * S + tl.program_id(1)) * C + c
-        tl.store(psg_ptr + out, tl.sum(gr, axis=0), mask=cm)
-        tl.store(psgx_ptr + out, tl.sum(gr * xhat, axis=0), mask=cm)
-
-    @triton.jit
-    def _sum_row_parts_kernel(part_ptr, out_ptr, BG, C, CG, G, S, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
-                              PDL: tl.constexpr = False):
-        """out[k, b * G + g] = the sum over tiles s and the group's channels of part[k, b, s, g * CG + c], k in
-        {0, 1} (g's and g * xhat's sums), in a fixed order: deterministic."""
-        pdl.start(PDL)
-        pid = tl.program_id(0)                                   # k * B * G + b * G + g
-        k, bg = pid // BG, pid % BG
-        b, g = bg // G, bg % G
-        s, c = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_CG)
-        m = (s[:, None] < S) & (c[None, :] < CG)
-        base = k.to(tl.int64) * (BG // G) * S * C
-        v = tl.load(part_ptr + base + (b * S + s[:, None]) * C + g * CG + c[None, :], mask=m, other=0.0)
-        tl.store(out_ptr + pid, tl.sum(v, axis=None))
-
-
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) channels_last -> its memory as (B, H*W, C), no copy."""
     b, c, h, w = t.shape
@@ -274,66 +194,6 @@ def _blocks(hw: int, c: int, cg: int) -> dict:
                 apply_hw=32, apply_c=min(triton.next_power_of_2(c), 128))
 
 
-# The statistics over whole channel rows (coalesced reads, as the elementwise kernels'; per-channel partials combined
-# per group) instead of per-group tiles, whose rows are CG values (20 bytes at 320 channels in bf16) apart. Written in
-# session 14 against the b8 profile (the per-group statistics passes took 0.51 + 0.96 ms), tested under the
-# interpreter and compiled for sm_90, NOT yet timed on a GPU: off until
-# `python -m experiments.bench.graph_ab b8_bf16 models.nhwc_group_norm.row_stats=True 5` says it wins.
-row_stats = False
-MAX_COMBINE = 8192    # tiles x channels per group that one combining program may read (SDXL's 128x128: 512 x 16)
-
-
-def _row_tiles(hw: int, k: dict) -> int | None:
-    """The row-tile count of the row-statistics path (the elementwise kernels' tiles), or None where the
-    per-group tiles are used (a combination too large for one program)."""
-    s = triton.cdiv(hw, k["apply_hw"])
-    return s if row_stats and triton.next_power_of_2(s) * k["block_cg"] <= MAX_COMBINE else None
-
-
-def _stats(xv, sh, on: bool, b: int, hw: int, c: int, cg: int, groups: int, eps: float, k: dict):
-    """mean, rstd (B * G,) fp32 of x (+ shift) per (sample, group)."""
-    stats = torch.empty(2, b * groups, device=xv.device, dtype=torch.float32)
-    mean, rstd = stats[0], stats[1]
-    s_rows = _row_tiles(hw, k)
-    if s_rows is not None:
-        parts = torch.empty(2, b, s_rows, c, device=xv.device, dtype=torch.float32)   # per tile and channel
-        _row_stats_kernel[(b, s_rows, triton.cdiv(c, k["apply_c"]))](
-            xv, sh, parts[0], parts[1], hw, c, s_rows, SHIFT=on, BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"],
-            **pdl.kw(xv))
-        _combine_row_stats_kernel[(b * groups,)](
-            parts[0], parts[1], mean, rstd, hw, c, cg, groups, s_rows, eps, BLOCK_HW=k["apply_hw"],
-            BLOCK_S=triton.next_power_of_2(s_rows), BLOCK_CG=k["block_cg"], **pdl.kw(parts))
-        return mean, rstd
-    parts = torch.empty(2, b * groups, k["s"], device=xv.device, dtype=torch.float32)  # per-tile mean, M2
-    _stats_kernel[(b * groups, k["s"])](xv, sh, parts[0], parts[1], hw, c, cg, groups, k["s"], SHIFT=on,
-                                        BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
-    _combine_stats_kernel[(b * groups,)](parts[0], parts[1], mean, rstd, hw, cg, k["s"], eps,
-                                         BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"], **pdl.kw(parts))
-    return mean, rstd
-
-
-def _grad_sums(xv, sh, dyv, weight, bias, mean, rstd, silu: bool, on: bool, b: int, hw: int, c: int, cg: int,
-               groups: int, k: dict):
-    """(2, B * G) fp32: per (sample, group) the sums of g = dy * w and of g * xhat."""
-    sums = torch.empty(2, b * groups, device=xv.device, dtype=torch.float32)
-    s_rows = _row_tiles(hw, k)
-    if s_rows is not None:
-        parts = torch.empty(2, b, s_rows, c, device=xv.device, dtype=torch.float32)
-        _row_grad_stats_kernel[(b, s_rows, triton.cdiv(c, k["apply_c"]))](
-            xv, sh, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c, cg, groups, s_rows, SILU=silu,
-            SHIFT=on, BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"], **pdl.kw(xv))
-        _sum_row_parts_kernel[(2 * b * groups,)](
-            parts, sums, b * groups, c, cg, groups, s_rows, BLOCK_S=triton.next_power_of_2(s_rows),
-            BLOCK_CG=k["block_cg"], **pdl.kw(parts))
-        return sums
-    parts = torch.empty(2, b * groups, k["s"], device=xv.device, dtype=torch.float32)
-    _grad_stats_kernel[(b * groups, k["s"])](xv, sh, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c,
-                                             cg, groups, k["s"], SILU=silu, SHIFT=on,
-                                             BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
-    _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"], **pdl.kw(parts))
-    return sums
-
-
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, silu, shift):
@@ -343,8 +203,14 @@ class _GroupNormNHWC(torch.autograd.Function):
         sh = xv if shift is None else shift                             # (B, C) fp32, or an unused pointer
         y = torch.empty_like(x)                                         # channels_last, like x
         k = _blocks(hw, c, cg)
+        parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)  # per-tile mean, M2
+        stats = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
+        mean, rstd = stats[0], stats[1]
         on = shift is not None
-        mean, rstd = _stats(xv, sh, on, b, hw, c, cg, groups, eps, k)
+        _stats_kernel[(b * groups, k["s"])](xv, sh, parts[0], parts[1], hw, c, cg, groups, k["s"], SHIFT=on,
+                                            BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
+        _combine_stats_kernel[(b * groups,)](parts[0], parts[1], mean, rstd, hw, cg, k["s"], eps,
+                                             BLOCK_HW=k["stats_hw"], BLOCK_S=k["block_s"], **pdl.kw(parts))
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _apply_kernel[grid](xv, sh, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, SHIFT=on,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"], **pdl.kw(xv))
@@ -362,7 +228,13 @@ class _GroupNormNHWC(torch.autograd.Function):
         xv, dyv = _nhwc(x), _nhwc(dy)
         sh, on = (xv, False) if shift is None else (shift, True)
         k = _blocks(hw, c, cg)
-        sg, sgx = _grad_sums(xv, sh, dyv, weight, bias, mean, rstd, ctx.silu, on, b, hw, c, cg, groups, k)
+        parts = torch.empty(2, b * groups, k["s"], device=x.device, dtype=torch.float32)
+        sums = torch.empty(2, b * groups, device=x.device, dtype=torch.float32)
+        sg, sgx = sums[0], sums[1]
+        _grad_stats_kernel[(b * groups, k["s"])](xv, sh, dyv, weight, bias, mean, rstd, parts[0], parts[1], hw, c,
+                                                 cg, groups, k["s"], SILU=ctx.silu, SHIFT=on,
+                                                 BLOCK_HW=k["stats_hw"], BLOCK_C=k["block_cg"], **pdl.kw(xv))
+        _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"], **pdl.kw(parts))
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
         _grad_x_kernel[grid](xv, sh, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,

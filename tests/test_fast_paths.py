@@ -494,16 +494,13 @@ def test_triton_kernels_on_cuda_round_no_worse_than_torch(dtype):
     pytest.importorskip("triton")
     import torch.nn.functional as F
 
-    from models import nhwc_group_norm as ng
     from models.fused_geglu import geglu
     from models.nhwc_group_norm import group_norm_nhwc
     torch.manual_seed(0)
     x = (torch.randn(8, 320, 64, 64, device="cuda") * 2 + 1).to(dtype).to(memory_format=torch.channels_last)
     w, b = torch.randn(320, device="cuda").to(dtype), torch.randn(320, device="cuda").to(dtype)
     dy = torch.randn_like(x)
-    rows_default = ng.row_stats
-    for ng.row_stats, silu in ((False, False), (False, True), (True, False), (True, True)):  # both statistics paths
-        assert (ng._row_tiles(64 * 64, ng._blocks(64 * 64, 320, 10)) is not None) == ng.row_stats
+    for silu in (False, True):
         def run(fn, xin):
             xin = xin.detach().requires_grad_()
             y = fn(xin)
@@ -516,8 +513,7 @@ def test_triton_kernels_on_cuda_round_no_worse_than_torch(dtype):
         ours = run(lambda xin: group_norm_nhwc(xin, 32, w, b, 1e-5, silu=silu), x)
         theirs = run(torch_gn, x)
         for o, t, r in zip(ours, theirs, ref):
-            assert _err(o, r) <= 1.5 * _err(t, r) + 1e-7, (ng.row_stats, silu, _err(o, r), _err(t, r))
-    ng.row_stats = rows_default
+            assert _err(o, r) <= 1.5 * _err(t, r) + 1e-7, (silu, _err(o, r), _err(t, r))
     p = torch.randn(8, 4096, 2560, device="cuda").to(dtype)
     dout = torch.randn(8, 4096, 1280, device="cuda").to(dtype)
 

@@ -14,14 +14,7 @@ torch.manual_seed(0)
 # odd sizes: channels per group 2, 5, 3 (masked to powers of two), H*W not a multiple of the blocks; the
 # last splits each group's statistics into 3 tiles (128, 128, 44 positions), combined afterwards
 assert ng._blocks(300, 64, 16)["s"] == 3
-# both ways of taking the statistics: over whole channel rows (32 positions a tile: 10 tiles for 15 x 20),
-# and per group (also what a combination too large for one program falls back to)
-ng.row_stats = True
-assert ng._row_tiles(300, ng._blocks(300, 64, 16)) == 10
-ng.row_stats = False
-assert ng._row_tiles(300, ng._blocks(300, 64, 16)) is None
-CASES = [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32), (2, 64, 15, 20, 4)]
-for ng.row_stats, (b, c, h, w, g) in [(True, case) for case in CASES] + [(False, case) for case in CASES[2:]]:
+for (b, c, h, w, g) in [(2, 64, 5, 7, 32), (1, 40, 3, 3, 8), (2, 96, 9, 4, 32), (2, 64, 15, 20, 4)]:
     for silu in (False, True):
         x = (torch.randn(b, c, h, w) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
         wt, bs = torch.randn(c), torch.randn(c)
@@ -38,8 +31,7 @@ for ng.row_stats, (b, c, h, w, g) in [(True, case) for case in CASES] + [(False,
 
 # a per-(sample, channel) shift added as the input is read (a resnet's conv bias + timestep embedding), and its
 # gradient (dx summed over H, W) when it needs one; a (C,) shift is broadcast over the samples
-for ng.row_stats, (b, c, h, w, g), per_sample in [(True, (2, 64, 5, 7, 32), True), (True, (2, 64, 15, 20, 4), True),
-                                                  (False, (2, 64, 15, 20, 4), True), (True, (1, 40, 3, 3, 8), False)]:
+for (b, c, h, w, g), per_sample in [((2, 64, 5, 7, 32), True), ((2, 64, 15, 20, 4), True), ((1, 40, 3, 3, 8), False)]:
     x = (torch.randn(b, c, h, w) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
     shift = (torch.randn(b, c) * 2 if per_sample else torch.randn(c)).requires_grad_()
     wt, bs = torch.randn(c), torch.randn(c)
@@ -97,16 +89,6 @@ def test_nhwc_group_norm_kernels_compile_for_an_h100(silu):
     compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
                                                  rstd_ptr=f, psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
                      {"SILU": silu, "SHIFT": silu, **stats})
-    compile_for_h100(ng._row_stats_kernel, dict(x_ptr=p, shift_ptr=f, pmean_ptr=f, pm2_ptr=f, HW=i, C=i, S=i),
-                     {"SHIFT": silu, **apply})
-    compile_for_h100(ng._combine_row_stats_kernel, dict(pmean_ptr=f, pm2_ptr=f, mean_ptr=f, rstd_ptr=f, HW=i, C=i,
-                                                        CG=i, G=i, S=i, eps="fp32"),
-                     {"BLOCK_HW": 32, "BLOCK_S": 128, "BLOCK_CG": 16})
-    compile_for_h100(ng._row_grad_stats_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
-                                                     rstd_ptr=f, psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
-                     {"SILU": silu, "SHIFT": silu, **apply})
-    compile_for_h100(ng._sum_row_parts_kernel, dict(part_ptr=f, out_ptr=f, BG=i, C=i, CG=i, G=i, S=i),
-                     {"BLOCK_S": 128, "BLOCK_CG": 16})
     compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
                                              rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32"),
                      {"SILU": silu, "SHIFT": silu, **apply})

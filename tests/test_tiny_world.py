@@ -55,7 +55,7 @@ def test_identity_classifier_separates_fresh_renders():
 
 def test_tiny_bases_load_strictly_and_fit_the_size_budget():
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
-    assert total <= 30 * 2 ** 20, total
+    assert total <= 50 * 2 ** 20, total           # three bases (13 + 13 + 23 MB) and the data
     for name in ("tiny-sd15", "tiny-realistic"):
         sd = load_model(ASSETS / name)
         assert list(sd.unet.config.block_out_channels) == build.UNET["block_out_channels"]
@@ -63,6 +63,14 @@ def test_tiny_bases_load_strictly_and_fit_the_size_budget():
     a, b = load_model(ASSETS / "tiny-sd15"), load_model(ASSETS / "tiny-realistic")
     assert not torch.equal(a.unet.conv_out.weight, b.unet.conv_out.weight)   # tuned further
     assert torch.equal(a.vae.decoder.conv_out.weight, b.vae.decoder.conv_out.weight)  # shared VAE
+    from experiments.tiny_world import sdxl
+    xl = load_model(ASSETS / "tiny-sdxl")
+    assert xl.text_encoder_2 is not None and xl.force_zeros_for_empty_prompt and xl.tokenizer_2.pad_token == "!"
+    assert list(xl.unet.config.transformer_layers_per_block) == sdxl.UNET["transformer_layers_per_block"]
+    assert xl.unet.config.addition_embed_type == "text_time" and xl.unet.config.cross_attention_dim == 72
+    assert torch.equal(xl.vae.decoder.conv_out.weight, a.vae.decoder.conv_out.weight)      # tiny-sd15's VAE
+    te, te_a = xl.text_encoder.state_dict(), a.text_encoder.state_dict()                  # and first encoder
+    assert te.keys() == te_a.keys() and all(torch.equal(te[k], te_a[k]) for k in te)
 
 
 def test_build_script_runs_end_to_end_small(tmp_path):
@@ -86,6 +94,28 @@ def test_main_command_learns_the_subject(tmp_path):
     assert (run / "lora.safetensors").is_file() and list((run / "tb").glob("events*"))
     result = json.loads((run / "train_result.json").read_text())
     assert result["status"] == "finished" and result["step"] == 152
+
+
+def test_seed004_recipe_learns_the_subject_on_tiny_sdxl(tmp_path):
+    """+experiment=sdxl_dreambooth +world=tiny: seed 004's recipe (r4 on attention, prior preservation on class
+    images the base generates) on the shipped tiny SDXL base, shortened for a CPU (150 of 500 steps, fp32 without
+    checkpointing: 4x faster here, and neither changes what is learnt). 60 steps leave P(subject) at 0.001; 150
+    give 0.40, 200 give 0.56, and 500 on an H100 0.95 (RESULTS.md, session 15)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "+experiment=sdxl_dreambooth", "+world=tiny", "inference=report",
+           "train.max_steps=150", "train.precision=fp32", "train.grad_checkpointing=false",
+           "data.num_class_images=8", f"data.class_dir={tmp_path / 'class'}", "inference.steps=15",
+           "inference.images_per_prompt=2", "inference.guidance_scales=[5.0]", "inference.evaluate=false",
+           f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "device=cpu"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())["cfg_5.0"]
+    assert m["subject_score"] > 0.25 and m["subject_score"] > m["base_subject_score"] + 0.2, m
+    assert len(list((tmp_path / "class").glob("gen_*.png"))) == 8
+    from safetensors import safe_open
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"           # trained on tiny-sdxl
+        assert not any(k.startswith("lora_te") for k in f.keys())                   # UNet only
 
 
 def test_tiny_sdxl_build_script_runs_end_to_end_small(tmp_path):
