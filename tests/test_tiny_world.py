@@ -80,14 +80,20 @@ def test_build_script_runs_end_to_end_small(tmp_path):
     assert (tmp_path / "tiny-world" / "identity.safetensors").is_file() and info["unet_steps"] >= 1
 
 
-def test_main_command_learns_the_subject(tmp_path):
-    """README's first command, shortened: the LoRA's samples on tiny-realistic are the subject, the base's not."""
+def _train(tmp_path, *overrides: str):
+    """python train.py OVERRIDES on the CPU, as a user runs it; returns the run folder."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "+experiment=exp4_transfer", "+world=tiny", "train.epochs=8",
-           "inference.steps=20", "inference.images_per_prompt=2", "inference.guidance_scales=[6.0]",
-           f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "device=cpu"]
+    cmd = [sys.executable, "train.py", *overrides, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}",
+           "device=cpu"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def test_main_command_learns_the_subject(tmp_path):
+    """README's first command, shortened: the LoRA's samples on tiny-realistic are the subject, the base's not."""
+    run = _train(tmp_path, "+experiment=exp4_transfer", "+world=tiny", "train.epochs=8", "inference.steps=20",
+                 "inference.images_per_prompt=2", "inference.guidance_scales=[6.0]")
     m = json.loads((run / "metrics.json").read_text())["cfg_6.0"]
     assert m["subject_score"] > 0.4 and m["subject_score"] > m["base_subject_score"] + 0.3, m
     assert len(list((run / "samples" / "cfg_6.0").glob("*.png"))) == 10
@@ -99,16 +105,12 @@ def test_main_command_learns_the_subject(tmp_path):
 def test_seed004_recipe_learns_the_subject_on_tiny_sdxl(tmp_path):
     """+experiment=sdxl_dreambooth +world=tiny: seed 004's recipe (r4 on attention, prior preservation on class
     images the base generates) on the shipped tiny SDXL base, shortened for a CPU (150 of 500 steps, fp32 without
-    checkpointing: 4x faster here, and neither changes what is learnt). 60 steps leave P(subject) at 0.001; 150
+    checkpointing: 4x faster here, and neither is what this tests). 60 steps leave P(subject) at 0.001; 150
     give 0.40, 200 give 0.56, and 500 on an H100 0.95 (RESULTS.md, session 15)."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "+experiment=sdxl_dreambooth", "+world=tiny", "inference=report",
-           "train.max_steps=150", "train.precision=fp32", "train.grad_checkpointing=false",
-           "data.num_class_images=8", f"data.class_dir={tmp_path / 'class'}", "inference.steps=15",
-           "inference.images_per_prompt=2", "inference.guidance_scales=[5.0]", "inference.evaluate=false",
-           f"run_dir={run}", f"hydra.run.dir={tmp_path / 'hydra'}", "device=cpu"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run = _train(tmp_path, "+experiment=sdxl_dreambooth", "+world=tiny", "inference=report", "train.max_steps=150",
+                 "train.precision=fp32", "train.grad_checkpointing=false", "data.num_class_images=8",
+                 f"data.class_dir={tmp_path / 'class'}", "inference.steps=15", "inference.images_per_prompt=2",
+                 "inference.guidance_scales=[5.0]", "inference.evaluate=false")
     m = json.loads((run / "metrics.json").read_text())["cfg_5.0"]
     assert m["subject_score"] > 0.25 and m["subject_score"] > m["base_subject_score"] + 0.2, m
     assert len(list((tmp_path / "class").glob("gen_*.png"))) == 8
@@ -119,7 +121,7 @@ def test_seed004_recipe_learns_the_subject_on_tiny_sdxl(tmp_path):
 
 
 def test_tiny_sdxl_build_script_runs_end_to_end_small(tmp_path):
-    """experiments/tiny_world/sdxl.py (not yet shipped in assets/): an SDXL folder that loads strictly, with both
+    """experiments/tiny_world/sdxl.py (assets/tiny-sdxl's build): an SDXL folder that loads strictly, with both
     text encoders and the time-id embedding, and whose training stage ran."""
     from experiments.tiny_world import sdxl
     info = sdxl.build_sdxl(tmp_path, torch.device("cpu"), scale=0.002)
