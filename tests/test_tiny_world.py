@@ -128,3 +128,8 @@ def test_tiny_sdxl_build_script_runs_end_to_end_small(tmp_path):
     sd = load_model(tmp_path / "tiny-sdxl")
     assert sd.text_encoder_2 is not None and sd.force_zeros_for_empty_prompt and info["unet_steps"] >= 1
     assert sd.unet.config.addition_embed_type == "text_time" and sd.unet.config.cross_attention_dim == 72
+    # --continue-from the shipped base (two stages): its weights move, and build_info lists three flat stages
+    info = sdxl.build_sdxl(tmp_path / "more", torch.device("cpu"), scale=0.002, continue_from=ASSETS / "tiny-sdxl")
+    assert [len(st) > 0 and "unet_steps" in st for st in info["stages"]] == [True, True, True], info
+    more, shipped = load_model(tmp_path / "more" / "tiny-sdxl"), load_model(ASSETS / "tiny-sdxl")
+    assert not torch.equal(more.unet.conv_out.weight, shipped.unet.conv_out.weight)

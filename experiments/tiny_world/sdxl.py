@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.tiny_world.build import CLASS_SEED, ROOT, encode_all, render_many, train_unet
+from experiments.tiny_world.build import CLASS_SEED, ROOT, SCHEDULER, encode_all, render_many, train_unet
 
 UNET = dict(block_out_channels=[32, 64, 128], layers_per_block=1, cross_attention_dim=32 + 40,
             attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], use_linear_projection=True,
@@ -44,7 +44,9 @@ class SDXLText:
     states and the pooled projection; time ids fixed); a dropped prompt is all zeros."""
 
     def __init__(self, sd):
+        from models.conditioning import time_ids
         self.sd = sd
+        self.tid = time_ids(TIME_IDS[:2], TIME_IDS[2:4], TIME_IDS[4:])    # (6,), the same for every image
 
     def ids(self, caps: list[str]) -> list[torch.Tensor]:
         from models.conditioning import tokenize_prompts
@@ -57,13 +59,12 @@ class SDXLText:
         return [self.sd.text_encoder_2]
 
     def __call__(self, ids: list[torch.Tensor], drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-        from models.conditioning import encode_ids, time_ids
+        from models.conditioning import encode_ids
         text = encode_ids(self.sd, ids)
         keep = (~drop).to(device).float()
         ctx = text["ctx"] * keep[:, None, None]                           # (B, 77, 72)
         pooled = text["pooled"] * keep[:, None]                           # (B, 40)
-        tid = time_ids(TIME_IDS[:2], TIME_IDS[2:4], TIME_IDS[4:]).to(device).expand(len(drop), 6)
-        return ctx, {"text_embeds": pooled, "time_ids": tid}
+        return ctx, {"text_embeds": pooled, "time_ids": self.tid.to(device).expand(len(drop), 6)}
 
 
 def build_sdxl(out: Path, device: torch.device, scale: float = 1.0, budget: float | None = None,
@@ -75,7 +76,6 @@ def build_sdxl(out: Path, device: torch.device, scale: float = 1.0, budget: floa
     from models.load import StableDiffusion, load_model, save_diffusers_folder
     from models.text import SDXL_PAD_TOKEN_2, build_text_encoder, load_tokenizer
     from models.unet import UNet2DConditionModel, UNetConfig
-    from experiments.tiny_world.build import SCHEDULER
     t0 = time.time()
     log = lambda m: print(f"[{time.time() - t0:7.1f}s] {m}", flush=True)  # noqa: E731
     n = lambda k: max(1, int(k * scale))  # noqa: E731
@@ -99,7 +99,8 @@ def build_sdxl(out: Path, device: torch.device, scale: float = 1.0, budget: floa
     info = {"seconds": round(time.time() - t0, 1), "device": str(device), "scale": scale, "unet_steps": steps,
             "batch": batch}
     if continue_from is not None and (continue_from / "build_info.json").is_file():
-        info = {"stages": [json.loads((continue_from / "build_info.json").read_text()), info]}
+        prev = json.loads((continue_from / "build_info.json").read_text())
+        info = {"stages": prev.get("stages", [prev]) + [info]}                # one flat list however many stages
     (out / "tiny-sdxl" / "build_info.json").write_text(json.dumps(info, indent=2))
     log(f"tiny-sdxl saved {info}")
     return info
