@@ -150,11 +150,15 @@ class Attention(nn.Module):
 
     fused_projections = False   # set_fused_projections(): one matmul for q, k, v (self) or k, v (cross)
     short_kernel = False        # set_short_attention(): <= 128 keys in Triton kernels (models/short_attention.py)
+    fused_qkv_lora = False      # set_fused_qkv_lora(): LoRA'd self-attention q, k, v in one function (lora/qkv_fn.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         kv = ahead.take(self) if context is not None else None   # k, v computed ahead (models/ahead.py)
+        qkv = self._lora_qkv(x) if self.fused_qkv_lora and context is None else None
         if kv is not None:
             q, (k, v) = self.to_q(x), kv
+        elif qkv is not None:
+            q, k, v = qkv
         elif self.fused_projections:
             q, k, v = self._fused_qkv(x, context)
         else:
@@ -162,6 +166,10 @@ class Attention(nn.Module):
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         out = attention(q, k, v, self.heads, self.upcast, self.short_kernel)
         return self.to_out[1](self.to_out[0](out))                # (B, N, D)
+
+    def _lora_qkv(self, x):
+        from lora.qkv_fn import lora_qkv  # Triton: imported only where asked for
+        return lora_qkv(x, self.to_q, self.to_k, self.to_v)   # None where it does not apply
 
     def _fused_qkv(self, x, context):
         """The frozen projections as one matmul over their concatenated weights (self-attention: q, k, v
@@ -450,6 +458,13 @@ class UNet2DConditionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.fused_projections = enabled
+
+    def set_fused_qkv_lora(self, enabled: bool = True) -> None:
+        """Each self-attention's LoRA'd q/k/v projections in one autograd function over fused Triton kernels
+        where it applies (lora/qkv_fn.py; while gradients are recorded)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_qkv_lora = enabled
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For inference with fp16/bf16 weights on CUDA (sample.py): channels_last activations, GroupNorm

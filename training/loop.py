@@ -144,6 +144,8 @@ class Trainer:
         pdl.enabled = on("pdl")
         if ours and on("fused_lora_backward"):   # (a custom autograd function: left out of torch.compile's graphs)
             set_fused_lora_backward(self.sd.unet)
+            if on("fused_qkv_lora"):
+                self.sd.unet.set_fused_qkv_lora(True)
             for te in self.sd.text_encoders.values() if self.train_te else ():
                 set_fused_lora_backward(te)
         sdpa_backend.set_policy(tc.get("sdpa_backend", "torch"))

@@ -24,7 +24,7 @@ _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half
         "train.triton_lora_dropout": "false", "train.fused_layer_norms": "false", "train.nhwc_upsample": "false",
         "train.triton_lora_gemm": "false", "train.short_attention": "false",
         "train.lora_grad_stream": "false", "train.ahead_stream": "false", "train.pdl": "false",
-        "train.subpixel_upsample": "false"}
+        "train.subpixel_upsample": "false", "train.fused_qkv_lora": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -45,7 +45,7 @@ MODES = {  # name -> train.* overrides
                            fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1,
                            fused_layer_norms=1, nhwc_upsample=1, triton_lora_gemm=1,
                            short_attention=1, lora_grad_stream=1, ahead_stream=1, pdl=1,
-                           subpixel_upsample=1),  # the default, eagerly
+                           subpixel_upsample=1, fused_qkv_lora=1),  # the default, eagerly
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
@@ -59,6 +59,7 @@ MODES = {  # name -> train.* overrides
     "default_no_fused_ln": ["train.fused_layer_norms=false"],  # torch's LayerNorm and residual adds
     "default_no_upsample": ["train.nhwc_upsample=false"],      # torch's nearest upsampling kernel
     "default_no_lora_gemm": ["train.triton_lora_gemm=false"],  # cuBLAS + a second GEMM / masked add for the LoRA term
+    "default_no_qkv": ["train.fused_qkv_lora=false"],  # q, k, v each through lora/linear_fn.py
     "default_no_short_attention": ["train.short_attention=false"],  # cuDNN's SDPA for cross-attention too
     "default_no_grad_stream": ["train.lora_grad_stream=false"],  # LoRA weight gradients on the main stream
     "default_no_ahead": ["train.ahead_stream=false"],  # text/timestep projections inline on the main stream
