@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv |
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
 if [ -z "$SKIP_TESTS" ]; then
   # only the CUDA cases: the file's CPU cases (torch.compile on the CPU among them) took the whole 150 s there
-  (cd tests && timeout "${TESTS_S:-150}" python3 -m pytest -q -rs test_fast_paths.py test_sdpa_backend.py test_fused_layer_norm.py test_unet.py test_lora_mm.py test_sdxl.py test_short_attention.py -k "cuda or graphed_sampling" \
+  (cd tests && timeout "${TESTS_S:-150}" python3 -m pytest -q -rs test_fast_paths.py test_sdpa_backend.py test_fused_layer_norm.py test_unet.py test_lora_mm.py test_qkv_lora.py test_sdxl.py test_short_attention.py -k "cuda or graphed_sampling" \
      -p no:cacheprovider) 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -15
 fi
