@@ -4,7 +4,7 @@
     dA = 1/(1-p) * gh^T (x * keep)                                    (r, K)     backward, x read again
     dx += keep/(1-p) * (gh A)                                         (M, K)     into the base's input gradient
 
-keep = uniform(hash(m * K + k ^ hash(seed))) >= p (a counter-based generator, `_keep`), regenerated
+keep = uniform16(hash((m * K + k) >> 1 ^ hash(seed))) >= p (a counter-based generator, `_keep`), regenerated
 wherever it is needed: nothing but the seed (one int64 on the device,
 drawn from torch's generator, so CUDA graphs and lora/mask_replay.py handle it like any random tensor)
 is kept. Against torch's dropout kernel plus a GEMM, each LoRA'd projection on image tokens saves
@@ -39,11 +39,26 @@ if available():
     @triton.jit
     def _keep(seed, m, k, K, p):
         """The dropout mask of rows m, columns k of an (M, K) input: True where the element is kept. A counter-
-        based generator: u = hash(index ^ hash(seed)) as a 24-bit uniform, as curand's floats are; one hash per
-        element (philox, tl.rand, made the kernels compute-bound: 44 us for a 21 MB input on an H100)."""
+        based generator: element i = m * K + k takes half i % 2 of hash((i >> 1) ^ hash(seed)) as a 16-bit
+        uniform u, kept where u >= ceil(p * 2^16) (p is then a multiple of 2^-16: 0.1 drops 0.100006; FlashAttention's
+        dropout quantises p to 2^-8). One hash per two elements (philox, tl.rand, made the kernels compute-bound:
+        44 us for a 21 MB input on an H100), compared as integers (no int-to-float conversion, a quarter-rate
+        instruction). This element-wise form serves any K; the kernels use `_keep_tile`, the same mask."""
         s = _hash(seed.to(tl.uint32))
-        h = _hash((m[:, None] * K + k[None, :]).to(tl.uint32) ^ s)
-        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
+        i = (m[:, None] * K + k[None, :]).to(tl.uint32)
+        h = _hash((i >> 1) ^ s)
+        u = tl.where((i & 1) == 0, h & 0xFFFF, h >> 16)
+        return u >= tl.ceil(p * 65536.0).to(tl.uint32)
+
+    @triton.jit
+    def _keep_tile(seed, m, k0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_keep` for columns k0 .. k0 + BLOCK_K - 1 of rows m, where K and k0 are even (`usable`): each pair of
+        columns hashed once, its two halves interleaved."""
+        s = _hash(seed.to(tl.uint32))
+        c = tl.arange(0, BLOCK_K // 2)
+        h = _hash((m[:, None] * (K // 2) + (k0 // 2 + c)[None, :]).to(tl.uint32) ^ s)   # (BLOCK_M, BLOCK_K / 2)
+        u = tl.reshape(tl.join(h & 0xFFFF, h >> 16), (BLOCK_M, BLOCK_K))              # column 2c + t: half t
+        return u >= tl.ceil(p * 65536.0).to(tl.uint32)
 
     @triton.jit
     def _down_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, M, K, R, p, scale, BLOCK_M: tl.constexpr,
@@ -58,7 +73,7 @@ if available():
             k = k0 + tl.arange(0, BLOCK_K)
             xm = (m[:, None] < M) & (k[None, :] < K)
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=xm, other=0.0)
-            x = tl.where(_keep(seed, m, k, K, p), x, tl.zeros_like(x))
+            x = tl.where(_keep_tile(seed, m, k0, K, p, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
             at = tl.load(a_ptr + r[None, :] * K + k[:, None], mask=(k[:, None] < K) & (r[None, :] < R),
                          other=0.0)                                     # (BLOCK_K, BLOCK_R): A^T
             acc += tl.dot(x, at)
@@ -79,7 +94,7 @@ if available():
             m = m0 + tl.arange(0, BLOCK_M)
             mm = m < M
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=mm[:, None] & (k[None, :] < K), other=0.0)
-            x = tl.where(_keep(seed, m, k, K, p), x, tl.zeros_like(x))
+            x = tl.where(_keep_tile(seed, m, tl.program_id(0) * BLOCK_K, K, p, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
             gh = tl.load(gh_ptr + m[:, None] * R + r[None, :], mask=mm[:, None] & (r[None, :] < R), other=0.0)
             acc += tl.dot(tl.trans(gh), x)
         tl.store(part_ptr + s * R * K + r[:, None] * K + k[None, :], acc * inv_keep,
@@ -100,7 +115,7 @@ if available():
         mask = (m[:, None] < M) & (k[None, :] < K)
         off = m[:, None] * K + k[None, :]
         dx = tl.load(dx_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dx += tl.where(_keep(seed, m, k, K, p), t, 0.0)
+        dx += tl.where(_keep_tile(seed, m, tl.program_id(1) * BLOCK_K, K, p, BLOCK_M, BLOCK_K), t, 0.0)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -127,7 +142,7 @@ def rank_block(r: int) -> int:
 def usable(x: torch.Tensor, dtype: torch.dtype, rank: int) -> bool:
     """Triton present; CUDA in fp16/bf16 (tl.dot would round fp32 to tf32), or the interpreter; an input of at
     least `min_elements` and with offsets within int32; a rank tl.dot holds in one block."""
-    if not enabled or not available() or not min_elements <= x.numel() < 2 ** 31 or rank > 128:
+    if not enabled or not available() or not min_elements <= x.numel() < 2 ** 31 or rank > 128 or x.shape[-1] % 2:
         return False
     return INTERPRET or (x.is_cuda and dtype in (torch.float16, torch.bfloat16))
 

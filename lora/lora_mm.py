@@ -27,7 +27,7 @@ if available():
     import triton
     import triton.language as tl
 
-    from lora.dropout_down import _keep
+    from lora.dropout_down import _keep_tile
 
     @triton.jit
     def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -90,7 +90,7 @@ if available():
             tl.store(gh_ptr + m[:, None] * R + r[None, :], gh, mask=(m[:, None] < M) & (r[None, :] < R))
         a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
         lo = tl.dot(gh, a) * inv_keep                                             # (BLOCK_M, BLOCK_K)
-        acc += tl.where(_keep(tl.load(seed_ptr), m, k, K, p), lo, 0.0)
+        acc += tl.where(_keep_tile(tl.load(seed_ptr), m, pk * BLOCK_K, K, p, BLOCK_M, BLOCK_K), lo, 0.0)
         tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (k[None, :] < K))
 

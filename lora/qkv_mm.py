@@ -26,7 +26,7 @@ if available():
     import triton
     import triton.language as tl
 
-    from lora.dropout_down import _keep
+    from lora.dropout_down import _keep_tile
     from lora.lora_mm import _tile
 
     @triton.jit
@@ -49,9 +49,9 @@ if available():
             a2 = tl.load(a_ptr + 2 * R * K + at, mask=am, other=0.0)
             if DROPOUT:
                 zero = tl.zeros_like(x)
-                acc0 += tl.dot(tl.where(_keep(tl.load(s0_ptr), m, k, K, p), x, zero), a0)
-                acc1 += tl.dot(tl.where(_keep(tl.load(s1_ptr), m, k, K, p), x, zero), a1)
-                acc2 += tl.dot(tl.where(_keep(tl.load(s2_ptr), m, k, K, p), x, zero), a2)
+                acc0 += tl.dot(tl.where(_keep_tile(tl.load(s0_ptr), m, k0, K, p, BLOCK_M, BLOCK_K), x, zero), a0)
+                acc1 += tl.dot(tl.where(_keep_tile(tl.load(s1_ptr), m, k0, K, p, BLOCK_M, BLOCK_K), x, zero), a1)
+                acc2 += tl.dot(tl.where(_keep_tile(tl.load(s2_ptr), m, k0, K, p, BLOCK_M, BLOCK_K), x, zero), a2)
             else:
                 acc0 += tl.dot(x, a0)
                 acc1 += tl.dot(x, a1)
@@ -92,7 +92,8 @@ if available():
 
     @triton.jit
     def _dgrad_part(acc, g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale, inv_keep,
-                    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
         """acc + g W + keep * inv_keep * (gh A), gh = scale * g B (stored by the first column block): one of the
         three projections, its operands already offset to it."""
         r = tl.arange(0, BLOCK_R)
@@ -110,7 +111,7 @@ if available():
         a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
         lo = tl.dot(gh, a) * inv_keep                                             # (BLOCK_M, BLOCK_K)
         if DROPOUT:
-            lo = tl.where(_keep(tl.load(seed_ptr), m, k, K, p), lo, 0.0)
+            lo = tl.where(_keep_tile(tl.load(seed_ptr), m, pk * BLOCK_K, K, p, BLOCK_M, BLOCK_K), lo, 0.0)
         return acc + lo
 
     @triton.jit
@@ -126,12 +127,12 @@ if available():
         k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         acc = _dgrad_part(acc, g0_ptr, w_ptr, up_ptr, a_ptr, s0_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale,
-                          inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R)
+                          inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         acc = _dgrad_part(acc, g1_ptr, w_ptr + N * K, up_ptr + N * R, a_ptr + R * K, s1_ptr, gh_ptr + M * R,
-                          m, k, pk, M, N, K, R, p, scale, inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R)
+                          m, k, pk, M, N, K, R, p, scale, inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         acc = _dgrad_part(acc, g2_ptr, w_ptr + 2 * N * K, up_ptr + 2 * N * R, a_ptr + 2 * R * K, s2_ptr,
                           gh_ptr + 2 * M * R, m, k, pk, M, N, K, R, p, scale, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
-                          BLOCK_R)
+                          BLOCK_K, BLOCK_R)
         tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (k[None, :] < K))
 
