@@ -4,7 +4,7 @@ three lora_mm.input_grad and autograd's two adds of the input gradients) against
 forward, one input gradient), over a few tile configurations. CUDA graph replays, operands cycled past L2
 (experiments/bench/lora_gemm_probe.py's timing).
 
-    python -m experiments.bench.qkv_probe [M] [C]
+    python -m experiments.bench.qkv_probe [M] [C] [--no-sweep]
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ DGRAD = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=ns)
 
 
 def main():
-    m = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-    c = int(sys.argv[2]) if len(sys.argv) > 2 else 320
+    args = [a for a in sys.argv[1:] if a != "--no-sweep"]
+    m = int(args[0]) if args else 32768
+    c = int(args[1]) if len(args) > 1 else 320
     dt, r, p, s = torch.bfloat16, 32, 0.1, 0.5
     dev = "cuda"
 
@@ -76,7 +77,7 @@ def main():
           f"{graph_us(fused_fwd):.1f}")
     print(f"  input grad: per layer + 2 adds {graph_us(per_layer_dgrad):.1f}   fused (shipped tiles) "
           f"{graph_us(fused_dgrad):.1f}")
-    for name, fn, cfgs in (("forward", fused_fwd, FWD), ("input grad", fused_dgrad, DGRAD)):
+    for name, fn, cfgs in (("forward", fused_fwd, FWD), ("input grad", fused_dgrad, DGRAD)) * ("--no-sweep" not in sys.argv):
         times = []
         for cfg in cfgs:
             try:
