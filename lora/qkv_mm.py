@@ -136,9 +136,11 @@ if available():
         tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (k[None, :] < K))
 
-# lora_mm's tiles (the best of its sweep at 32768 x 320 x 320 on an H100); experiments/bench/qkv_probe.py sweeps these
+# The forward: lora_mm's tiles (so y_j is lora_mm's bits; the best of qkv_probe's 32 configurations, 128/64/64, was
+# 2 us faster of 107). The input gradient: qkv_probe's sweep (session 16, H200, 32 configurations) put 128/32/64 at
+# 128.7 us against 136.8 for lora_mm's 128/64/64 (the best, 64/32/128 with 4 stages, 128.6).
 FWD = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-DGRAD = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+DGRAD = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def _seeds(seeds):
