@@ -42,14 +42,9 @@ if available():
         return pm, pn
 
     @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, h_ptr, up_ptr, y_ptr, M, N, K, R, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
-        """y = x W^T + b + h B^T: x (M, K), W (N, K), h (M, R), B (N, R), all contiguous; fp32 accumulation."""
-        pdl.start(PDL)
-        pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _fwd_tile(x_ptr, w_ptr, h_ptr, up_ptr, m, n, M, N, K, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """x W^T + h B^T on rows m and columns n: the (BLOCK_M, BLOCK_N) fp32 accumulator (also lora/qkv_mm.py)."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -59,24 +54,30 @@ if available():
         r = tl.arange(0, BLOCK_R)
         h = tl.load(h_ptr + m[:, None] * R + r[None, :], mask=(m[:, None] < M) & (r[None, :] < R), other=0.0)
         bt = tl.load(up_ptr + n[None, :] * R + r[:, None], mask=(n[None, :] < N) & (r[:, None] < R), other=0.0)
-        acc = tl.dot(h, bt, acc)                                                  # + h B^T
+        return tl.dot(h, bt, acc)                                                 # + h B^T
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, h_ptr, up_ptr, y_ptr, M, N, K, R, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
+        """y = x W^T + b + h B^T: x (M, K), W (N, K), h (M, R), B (N, R), all contiguous; fp32 accumulation."""
+        pdl.start(PDL)
+        pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _fwd_tile(x_ptr, w_ptr, h_ptr, up_ptr, m, n, M, N, K, R, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (n[None, :] < N))
 
     @triton.jit
-    def _dgrad_kernel(g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, dx_ptr, gh_ptr, M, N, K, R, p, scale, inv_keep,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
-        """dx = g W + keep * inv_keep * (gh A) with gh = scale * g B: g (M, N), W (N, K), B (N, R), A (R, K).
-        The output's columns are K and the reduction runs over N; the first column block also stores gh."""
-        pdl.start(PDL)
-        pm, pk = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-        m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    def _dgrad_tile(acc, g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale, inv_keep,
+                    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+        """acc + g W + keep * inv_keep * (gh A) on rows m and columns k, gh = scale * g B (stored by the first
+        column block, pk = 0); the reduction runs over N (also lora/qkv_mm.py)."""
         r = tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         gh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -90,7 +91,22 @@ if available():
             tl.store(gh_ptr + m[:, None] * R + r[None, :], gh, mask=(m[:, None] < M) & (r[None, :] < R))
         a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
         lo = tl.dot(gh, a) * inv_keep                                             # (BLOCK_M, BLOCK_K)
-        acc += tl.where(_keep_tile(tl.load(seed_ptr), m, pk * BLOCK_K, K, p, BLOCK_M, BLOCK_K), lo, 0.0)
+        if DROPOUT:
+            lo = tl.where(_keep_tile(tl.load(seed_ptr), m, pk * BLOCK_K, K, p, BLOCK_M, BLOCK_K), lo, 0.0)
+        return acc + lo
+
+    @triton.jit
+    def _dgrad_kernel(g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, dx_ptr, gh_ptr, M, N, K, R, p, scale, inv_keep,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
+        """dx = g W + keep * inv_keep * (gh A) with gh = scale * g B: g (M, N), W (N, K), B (N, R), A (R, K).
+        The output's columns are K and the reduction runs over N; the first column block also stores gh."""
+        pdl.start(PDL)
+        pm, pk = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = _dgrad_tile(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr,
+                          gh_ptr, m, k, pk, M, N, K, R, p, scale, inv_keep, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (k[None, :] < K))
 

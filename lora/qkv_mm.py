@@ -27,7 +27,7 @@ if available():
     import triton.language as tl
 
     from lora.dropout_down import _keep_tile
-    from lora.lora_mm import _tile
+    from lora.lora_mm import _dgrad_tile, _fwd_tile, _tile
 
     @triton.jit
     def _down3_kernel(x_ptr, a_ptr, h_ptr, s0_ptr, s1_ptr, s2_ptr, M, K, R, p, scale, DROPOUT: tl.constexpr,
@@ -74,45 +74,10 @@ if available():
         j = pv // nb
         m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         n = (pv % nb) * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_ptr += j * N * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            wt = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < N) & (k[:, None] < K), other=0.0)
-            acc = tl.dot(x, wt, acc)                                              # (BLOCK_M, BLOCK_N)
-        r = tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + j * M * R + m[:, None] * R + r[None, :], mask=(m[:, None] < M) & (r[None, :] < R),
-                    other=0.0)
-        bt = tl.load(up_ptr + j * N * R + n[None, :] * R + r[:, None], mask=(n[None, :] < N) & (r[:, None] < R),
-                     other=0.0)
-        acc = tl.dot(h, bt, acc)                                                  # + h B^T
+        acc = _fwd_tile(x_ptr, w_ptr + j * N * K, h_ptr + j * M * R, up_ptr + j * N * R, m, n, M, N, K, R, BLOCK_M,
+                        BLOCK_N, BLOCK_K, BLOCK_R)
         tl.store(y_ptr + j * M * N + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (n[None, :] < N))
-
-    @triton.jit
-    def _dgrad_part(acc, g_ptr, w_ptr, up_ptr, a_ptr, seed_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale, inv_keep,
-                    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
-        """acc + g W + keep * inv_keep * (gh A), gh = scale * g B (stored by the first column block): one of the
-        three projections, its operands already offset to it."""
-        r = tl.arange(0, BLOCK_R)
-        gh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            g = tl.load(g_ptr + m[:, None] * N + n[None, :], mask=(m[:, None] < M) & (n[None, :] < N), other=0.0)
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            b = tl.load(up_ptr + n[:, None] * R + r[None, :], mask=(n[:, None] < N) & (r[None, :] < R), other=0.0)
-            acc = tl.dot(g, w, acc)                                               # (BLOCK_M, BLOCK_K)
-            gh = tl.dot(g, b, gh)                                                 # (BLOCK_M, BLOCK_R)
-        gh = (gh * scale).to(g_ptr.dtype.element_ty)        # rounded as lora_mm's gh is, then used
-        if pk == 0:
-            tl.store(gh_ptr + m[:, None] * R + r[None, :], gh, mask=(m[:, None] < M) & (r[None, :] < R))
-        a = tl.load(a_ptr + r[:, None] * K + k[None, :], mask=(r[:, None] < R) & (k[None, :] < K), other=0.0)
-        lo = tl.dot(gh, a) * inv_keep                                             # (BLOCK_M, BLOCK_K)
-        if DROPOUT:
-            lo = tl.where(_keep_tile(tl.load(seed_ptr), m, pk * BLOCK_K, K, p, BLOCK_M, BLOCK_K), lo, 0.0)
-        return acc + lo
 
     @triton.jit
     def _dgrad3_kernel(g0_ptr, g1_ptr, g2_ptr, w_ptr, up_ptr, a_ptr, s0_ptr, s1_ptr, s2_ptr, dx_ptr, gh_ptr,
@@ -126,11 +91,11 @@ if available():
         m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        acc = _dgrad_part(acc, g0_ptr, w_ptr, up_ptr, a_ptr, s0_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale,
+        acc = _dgrad_tile(acc, g0_ptr, w_ptr, up_ptr, a_ptr, s0_ptr, gh_ptr, m, k, pk, M, N, K, R, p, scale,
                           inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        acc = _dgrad_part(acc, g1_ptr, w_ptr + N * K, up_ptr + N * R, a_ptr + R * K, s1_ptr, gh_ptr + M * R,
+        acc = _dgrad_tile(acc, g1_ptr, w_ptr + N * K, up_ptr + N * R, a_ptr + R * K, s1_ptr, gh_ptr + M * R,
                           m, k, pk, M, N, K, R, p, scale, inv_keep, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        acc = _dgrad_part(acc, g2_ptr, w_ptr + 2 * N * K, up_ptr + 2 * N * R, a_ptr + 2 * R * K, s2_ptr,
+        acc = _dgrad_tile(acc, g2_ptr, w_ptr + 2 * N * K, up_ptr + 2 * N * R, a_ptr + 2 * R * K, s2_ptr,
                           gh_ptr + 2 * M * R, m, k, pk, M, N, K, R, p, scale, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
                           BLOCK_K, BLOCK_R)
         tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
