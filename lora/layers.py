@@ -83,6 +83,11 @@ class LoRAAdapter(nn.Module):
             delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
         return delta * (self.scale * self.multiplier)
 
+    @property
+    def dropout_p(self) -> float:
+        """The LoRA dropout probability in effect: 0 outside training."""
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) as the forward uses them: the parameters, or their once-per-step casts (half_weights)."""
         return self.cast_weights or (self.down.weight, self.up.weight)

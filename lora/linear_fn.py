@@ -121,11 +121,10 @@ class _LoRALinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, base: torch.nn.Linear, adapter) -> torch.Tensor:
     """base(x) + adapter(x) for a frozen nn.Linear and one LoRAAdapter (lora/layers.py)."""
     down, up = adapter.weights()
-    p = adapter.dropout.p if adapter.training and isinstance(adapter.dropout, torch.nn.Dropout) else 0.0
+    p = adapter.dropout_p
     mask = None
     if p > 0 and dropout_down.usable(x, _compute_dtype(x), adapter.rank):  # the mask as a seed, regenerated
-        draw = lambda: dropout_down.new_seed(x.device)                     # noqa: E731
-        mask = mask_replay.mask(adapter, "dropout_seed", draw) if mask_replay.active() else draw()
+        mask = mask_replay.dropout_seed(adapter, x.device)
     elif p > 0 and mask_replay.active():  # inside a checkpointed block: a kept mask, as LoRAAdapter.scaled_down
         mask = mask_replay.dropout_keep(adapter, x, p)
     side = adapter.cast_weights is not None   # weight gradients consumed by half_weights' cast only: side stream

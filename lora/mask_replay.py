@@ -80,11 +80,18 @@ def mask(owner: object, kind: str, draw: Callable[[], torch.Tensor]) -> torch.Te
     return m
 
 
+def dropout_seed(owner: object, device) -> torch.Tensor:
+    """`owner`'s LoRA dropout seed for this call (lora/dropout_down.py's masks): drawn, and kept or replayed inside a
+    checkpointed block."""
+    from lora import dropout_down  # (imports Triton where installed)
+    return mask(owner, "dropout_seed", lambda: dropout_down.new_seed(device))
+
+
 def dropout_keep(owner: object, x: torch.Tensor, p: float) -> torch.Tensor:
     """The keep-mask (bool, x's shape) of `owner`'s LoRA dropout inside a checkpointed block: regenerated from a
     kept seed where the Triton mask kernel runs, else itself kept (rand >= p, as nn.Dropout draws)."""
     from lora import dropout_down  # (imports Triton where installed)
     if dropout_down.can_regenerate(x):
-        seed = mask(owner, "dropout_seed", lambda: dropout_down.new_seed(x.device))
+        seed = dropout_seed(owner, x.device)
         return dropout_down.keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape)
     return mask(owner, "dropout", lambda: torch.rand_like(x, dtype=torch.float32) >= p)

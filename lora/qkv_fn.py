@@ -65,13 +65,6 @@ class _LoRAQKV(torch.autograd.Function):
         return (dx, None, None, None, *grads, None, None, None, None)
 
 
-def _seed(adapter, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's dropout seed for this call, as lora_linear draws it (kept and replayed inside a checkpointed
-    block by lora/mask_replay.py)."""
-    draw = lambda: dropout_down.new_seed(x.device)                         # noqa: E731
-    return mask_replay.mask(adapter, "dropout_seed", draw) if mask_replay.active() else draw()
-
-
 def _adapters(mods) -> list | None:
     """Each module's one adapter if all three can run together here, else None."""
     if not all(getattr(m, "fused_backward", False) for m in mods):
@@ -83,11 +76,8 @@ def _adapters(mods) -> list | None:
     if any(b.bias is not None or b.weight.shape != bases[0].weight.shape or b.weight.dtype != bases[0].weight.dtype
            for b in bases):
         return None
-
-    def key(a):
-        p = a.dropout.p if a.training and isinstance(a.dropout, torch.nn.Dropout) else 0.0
-        return a.rank, a.scale * a.multiplier, p, a.cast_weights is not None
-    return adapters if len({key(a) for a in adapters}) == 1 else None
+    same = {(a.rank, a.scale * a.multiplier, a.dropout_p, a.cast_weights is not None) for a in adapters}
+    return adapters if len(same) == 1 else None
 
 
 def lora_qkv(x: torch.Tensor, to_q, to_k, to_v) -> tuple | None:
@@ -102,8 +92,8 @@ def lora_qkv(x: torch.Tensor, to_q, to_k, to_v) -> tuple | None:
     w = to_q.base_layer.weight
     if not (dropout_down.usable(x, _compute_dtype(x), a0.rank) and lora_mm.usable(w)):
         return None
-    p = a0.dropout.p if a0.training and isinstance(a0.dropout, torch.nn.Dropout) else 0.0
-    seeds = [_seed(a, x) for a in adapters] if p > 0 else None              # q, k, v: lora_linear's order
+    p = a0.dropout_p
+    seeds = [mask_replay.dropout_seed(a, x.device) for a in adapters] if p > 0 else None   # lora_linear's order
     downs, ups = zip(*(a.weights() for a in adapters))
     return _LoRAQKV.apply(x, to_q.base_layer.weight, to_k.base_layer.weight, to_v.base_layer.weight, *downs, *ups,
                           a0.scale * a0.multiplier, p, seeds, a0.cast_weights is not None)
