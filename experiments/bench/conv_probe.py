@@ -1,0 +1,145 @@
+"""Every convolution of one training step, timed alone: which shapes run far from the matmul rate.
+
+    python -m experiments.bench.conv_probe [BATCH]          (default 8; SD1.5 at 512x512, r32 attention LoRA, bf16)
+    python -m experiments.bench.conv_probe --step [CONFIG]  (the calls of a real Trainer step, eager_default mode)
+
+The step's aten.convolution and aten.convolution_backward calls are recorded on the meta device (shapes, strides
+dropped, arguments and output masks kept; the same forward + backward as experiments/bench/flops.py; plain
+modules, so 1x1 convolutions and upsampling convolutions as nn.Conv2d runs them) or, with --step, during one
+eager step of the benchmark's Trainer (bias folding's GEMMs and the sub-pixel upsampling as trained), then each
+distinct call is replayed on CUDA with random bf16 channels_last tensors under cudnn.benchmark (as
+train.cudnn_benchmark) and timed with CUDA events. FLOPs per call by torch.utils.flop_counter. Prints one row
+per distinct call, costliest first (count x time), and the sum.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from experiments.bench.attention import time_ms
+
+aten = torch.ops.aten
+CONV_OPS = {aten.convolution.default: "fwd", aten.convolution_backward.default: "bwd"}
+
+
+def _spec(a):
+    """A hashable stand-in for one argument: tensors by shape, everything else as is."""
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape))
+    if isinstance(a, (list, tuple)):
+        return tuple(_spec(b) for b in a)
+    return a
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in CONV_OPS:
+            self.calls[(func, _spec(args))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def record(batch: int) -> Counter:
+    from lora.inject import inject_lora
+    from models.unet import UNet2DConditionModel, UNetConfig
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig()).to(torch.bfloat16).requires_grad_(False)
+        inject_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=32, alpha=32, dtype=torch.float32)
+        unet.train(True)
+        x = torch.randn(batch, 4, 64, 64, dtype=torch.bfloat16)
+        ctx = torch.randn(batch, 77, 768, dtype=torch.bfloat16)
+        t = torch.zeros(batch, dtype=torch.long)
+    rec = _Record()
+    with rec:
+        unet(x, t, ctx).float().square().mean().backward()
+    return rec.calls
+
+
+def record_step(name: str) -> Counter:
+    import tempfile
+    from pathlib import Path
+
+    from experiments.bench.configs import world
+    from experiments.bench.ours import trainer
+    w = world("/tmp/bench", False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = trainer(name, "unet", "eager_default", w, Path(tmp))
+        for _ in range(2):
+            tr.launch_step()
+        tr.drain()
+        torch.cuda.synchronize()
+        rec = _Record()
+        with rec:
+            tr.launch_step()
+            tr.drain()
+        torch.cuda.synchronize()
+    return rec.calls
+
+
+def _build(spec):
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "T":
+        t = torch.randn(spec[1], device="cuda", dtype=torch.bfloat16)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if isinstance(spec, tuple):
+        return [_build(s) for s in spec]
+    return spec
+
+
+def _as_gemm(func, args):
+    """A stride-1 1x1 convolution's forward or input gradient as one cuBLAS GEMM over channels_last rows, or None."""
+    if func is aten.convolution.default:
+        x, w, stride = args[0], args[1], args[3]
+        if w.shape[2:] != (1, 1) or tuple(stride) != (1, 1):
+            return None
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])                  # (B H W, Cin), a view
+        return lambda: rows @ w.view(w.shape[0], -1).t()                       # (B H W, Cout)
+    g, w, stride = args[0], args[2], args[4]
+    if w.shape[2:] != (1, 1) or tuple(stride) != (1, 1):
+        return None
+    rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])                      # (B H W, Cout)
+    return lambda: rows @ w.view(w.shape[0], -1)                               # (B H W, Cin)
+
+
+def main():
+    args = sys.argv[1:]
+    if args[:1] == ["--step"]:
+        name = args[1] if len(args) > 1 else "b8_bf16"
+        calls, batch = record_step(name), name
+    else:
+        batch = int(args[0]) if args else 8
+        calls = record(batch)
+    torch.backends.cudnn.benchmark = True
+    rows, total_ms, total_flop = [], 0.0, 0.0
+    for (func, spec), n in calls.items():
+        args = _build(spec)
+        call = (lambda: func(*args))
+        with FlopCounterMode(display=False) as fc:
+            call()
+        flop = fc.get_total_flops()
+        ms = time_ms(call, 20)
+        gemm = _as_gemm(func, args)
+        alt = time_ms(gemm, 20) if gemm else None
+        shapes = [s[1] for s in spec if isinstance(s, tuple) and len(s) == 2 and s[0] == "T"]
+        mask = spec[-1] if func is aten.convolution_backward.default else None
+        rows.append((n * ms, n, ms, flop, CONV_OPS[func], shapes, spec[3:5] if mask is None else spec[4:6], mask,
+                     alt))
+        total_ms += n * ms
+        total_flop += n * flop
+    print(f"batch {batch}: {sum(r[1] for r in rows)} convolution calls, {total_ms:.2f} ms alone, "
+          f"{total_flop / 1e12:.2f} TFLOP, {total_flop / total_ms / 1e9:.0f} TFLOP/s")
+    print("| total ms | calls | us each | TFLOP/s | op | tensors | stride, padding | grad mask | 1x1 as one GEMM, us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tot, n, ms, flop, op, shapes, sp, mask, alt in sorted(rows, key=lambda r: -r[0]):
+        alt = "" if alt is None else f"{alt * 1e3:.1f}"
+        print(f"| {tot:.3f} | {n} | {ms * 1e3:.1f} | {flop / ms / 1e9:.0f} | {op} | {shapes} | {sp} | {mask} | {alt} |")
+
+
+if __name__ == "__main__":
+    main()
