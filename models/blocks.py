@@ -19,6 +19,16 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x, silu=True) if norm.__dict__.get("nhwc") else F.silu(norm(x))
 
 
+def norm_and_residual(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False):
+    """(norm(x), then F.silu where `silu`; x') for a block whose residual path reads x: with the NHWC kernels x' is
+    a view of x whose gradient the norm's backward adds to its own in one pass (models/nhwc_group_norm.py),
+    elsewhere x' is x and autograd sums the two."""
+    if norm.__dict__.get("nhwc"):
+        return norm(x, silu=silu, passthrough=True)
+    y = norm(x)
+    return (F.silu(y) if silu else y), x
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-Conv twice, with an optional timestep embedding added in between.
 
@@ -63,7 +73,8 @@ class ResnetBlock2D(nn.Module):
     def _forward_biases_folded(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """forward() where the norms run NHWC (models/bias_folding.py): conv1's bias and the timestep
         embedding enter norm2 as its shift; conv2's bias goes into the shortcut's bias or the residual sum."""
-        h = bias_folding.conv_without_bias(self.conv1, norm_silu(self.norm1, x))    # (B, Cout, H, W)
+        h, x = norm_and_residual(self.norm1, x, silu=True)                          # x: the residual path's
+        h = bias_folding.conv_without_bias(self.conv1, h)                           # (B, Cout, H, W)
         shift = bias_folding.bias_of(self.conv1)                                    # (Cout,)
         if self.time_emb_proj is not None:
             t = self._time_proj(temb).float()                                       # (B, Cout)

@@ -161,9 +161,10 @@ if available():
         tl.store(psgx_ptr + pid * S + tile, tl.sum(tl.where(mask, gr * xhat, 0.0), axis=None))
 
     @triton.jit
-    def _grad_x_kernel(x_ptr, shift_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr, HW, C,
-                       CG, G, inv_n, SILU: tl.constexpr, SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+    def _grad_x_kernel(x_ptr, shift_ptr, dy_ptr, res_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sg_ptr, sgx_ptr,
+                       HW, C, CG, G, inv_n, SILU: tl.constexpr, SHIFT: tl.constexpr, RES: tl.constexpr,
+                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        """dx (+ the residual path's gradient res where RES: one pass instead of autograd's separate sum)."""
         pdl.start(PDL)
         xhat, off, mask, c, cm, grp, rstd = _normalised_tile(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, C, CG, G,
                                                              SHIFT, BLOCK_HW, BLOCK_C)
@@ -174,7 +175,12 @@ if available():
         if SILU:
             dy = _silu_grad(dy, xhat, w, b_ptr, c, cm)
         dx = rstd[None, :] * (dy * w[None, :] - mg[None, :] - xhat * mgx[None, :])
+        if RES:
+            dx += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+fuse_residual_grad = True   # passthrough's gradient summed in the backward kernel (graph_ab toggles it)
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -196,7 +202,7 @@ def _blocks(hw: int, c: int, cg: int) -> dict:
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, silu, shift):
+    def forward(ctx, x, groups, weight, bias, eps, silu, shift, passthrough=False):
         b, c, h, w = x.shape
         hw, cg = h * w, c // groups
         xv = _nhwc(x)                                                   # (B, HW, C) view
@@ -215,11 +221,14 @@ class _GroupNormNHWC(torch.autograd.Function):
         _apply_kernel[grid](xv, sh, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, SHIFT=on,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"], **pdl.kw(xv))
         ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
-        ctx.groups, ctx.silu = groups, silu
-        return y
+        ctx.groups, ctx.silu, ctx.passthrough = groups, silu, passthrough
+        ctx.set_materialize_grads(False)
+        return (y, x.view_as(x)) if passthrough else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dres=None):
+        if dy is None:                                                  # y unused: x's gradient is the residual's
+            return dres, None, None, None, None, None, None, None
         x, weight, bias, mean, rstd, shift = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.groups
@@ -237,11 +246,13 @@ class _GroupNormNHWC(torch.autograd.Function):
         _sum_parts_kernel[(2 * b * groups,)](parts, sums, k["s"], BLOCK_S=k["block_s"], **pdl.kw(parts))
         dx = torch.empty_like(x)
         grid = (b, triton.cdiv(hw, k["apply_hw"]), triton.cdiv(c, k["apply_c"]))
-        _grad_x_kernel[grid](xv, sh, dyv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
-                             1.0 / (hw * cg), SILU=ctx.silu, SHIFT=on, BLOCK_HW=k["apply_hw"],
+        res = dres is not None
+        resv = _nhwc(dres.contiguous(memory_format=torch.channels_last)) if res else dyv
+        _grad_x_kernel[grid](xv, sh, dyv, resv, _nhwc(dx), weight, bias, mean, rstd, sg, sgx, hw, c, cg, groups,
+                             1.0 / (hw * cg), SILU=ctx.silu, SHIFT=on, RES=res, BLOCK_HW=k["apply_hw"],
                              BLOCK_C=k["apply_c"], **pdl.kw(xv))
         dshift = dx.float().sum(dim=(2, 3)) if on and ctx.needs_input_grad[6] else None   # (B, C)
-        return dx, None, None, None, None, None, dshift
+        return dx, None, None, None, None, None, dshift, None
 
 
 def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
@@ -254,13 +265,21 @@ def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
+                    eps: float, silu: bool = False, shift: torch.Tensor | None = None, passthrough: bool = False):
     """F.group_norm(x + shift[:, :, None, None], groups, weight, bias, eps) for a channels_last x (then F.silu
     where `silu`); the output is channels_last. `shift` (B, C) or (C,), added in fp32 as x is read: a resnet's
-    conv bias plus its timestep embedding (models/blocks.py), which then never make a pass of their own."""
+    conv bias plus its timestep embedding (models/blocks.py), which then never make a pass of their own.
+
+    `passthrough`: returns (y, x') with x' the same values as x (a view): the residual path uses x' instead of
+    x, and the backward adds x''s gradient to the norm's own in its last pass (`fuse_residual_grad`), where
+    autograd would sum the two in a kernel of its own (read 2 tensors, write 1)."""
     b, c = x.shape[:2]
     if c % groups:
         raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
     if shift is not None:
         shift = shift.float().expand(b, c).contiguous()                 # (B, C) fp32
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu, shift)
+    if passthrough and shift is not None:
+        raise ValueError("group_norm_nhwc: passthrough with a shift (the residual path would skip the shift)")
+    if passthrough and not fuse_residual_grad:
+        return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu, shift), x
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu, shift, passthrough)

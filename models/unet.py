@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import ahead, bias_folding
 from models.autocast_off import autocast_off
-from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_and_residual
 from models.subpixel_upsample import set_subpixel_upsampling
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
@@ -285,8 +285,7 @@ class Transformer2DModel(_Checkpointed):
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        residual = x
-        x = self.norm(x)
+        x, residual = norm_and_residual(self.norm, x)
         if not self.linear_proj:
             x = bias_folding.pointwise(self.proj_in, x) if self.fold_biases else self.proj_in(x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)            # (B, HW, C)
@@ -309,20 +308,26 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
 
 
 def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
-                          shift: torch.Tensor | None = None) -> torch.Tensor:
+                          shift: torch.Tensor | None = None, passthrough: bool = False):
     """The norm in its weights' dtype; `silu` and `shift` (GroupNorms with `nhwc` only, see
-    blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None]))."""
+    blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None])). `passthrough` (GroupNorms) returns
+    (y, x') where the caller's residual path then reads x' (x's values): on the NHWC kernels the two paths'
+    gradients are summed in the norm's backward pass (models/nhwc_group_norm.py), elsewhere x' is x."""
+    x_in = x
     with autocast_off(x):
         x = x.to(self.weight.dtype)
         if self.__dict__.get("nhwc"):
             from models import nhwc_group_norm  # Triton: imported only where asked for
             if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
-                return nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
-                                                       shift)
+                pass_ = passthrough and x is x_in
+                y = nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
+                                                    shift, passthrough=pass_)
+                return y if not passthrough else (y if pass_ else (y, x_in))
         if shift is not None:
             x = x + shift.to(x.dtype).expand(x.shape[:2])[:, :, None, None]
         y = type(self).forward(self, x)
-        return F.silu(y) if silu else y
+        y = F.silu(y) if silu else y
+        return (y, x_in) if passthrough else y
 
 
 class _Block(_Checkpointed):

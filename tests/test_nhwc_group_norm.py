@@ -45,6 +45,31 @@ for (b, c, h, w, g), per_sample in [((2, 64, 5, 7, 32), True), ((2, 64, 15, 20, 
     assert err[0] < 1e-5 and err[1] < 1e-5 and err[2] < 1e-4, (b, c, err)
     assert (ds2 - ds2.mean()).abs().max() > 0.1   # a gradient that could be wrong
 
+# passthrough: (y, x') with x' x's values; x''s gradient (the residual path's) added in the backward's last pass, so x
+# gets the sum of both paths' gradients; fuse_residual_grad=False leaves the sum to autograd (x' is then x itself)
+for fuse in (True, False):
+    ng.fuse_residual_grad = fuse
+    for silu in (False, True):
+        x = (torch.randn(2, 64, 5, 7) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
+        wt, bs = torch.randn(64), torch.randn(64)
+        y, xp = ng.group_norm_nhwc(x, 32, wt, bs, 1e-5, silu=silu, passthrough=True)
+        assert torch.equal(xp, x) and (xp is x) != fuse
+        dy, dr = torch.randn_like(y), torch.randn_like(x)
+        dx, = torch.autograd.grad((y, xp), x, (dy, dr))
+        y2 = F.group_norm(x, 32, wt, bs, 1e-5)
+        y2 = F.silu(y2) if silu else y2
+        dn, = torch.autograd.grad(y2, x, dy)
+        assert (y - y2).abs().max() < 1e-5 and (dx - (dn + dr)).abs().max() < 1e-5, (fuse, silu)
+        assert (dx - dn).abs().max() > 1.0                       # the residual's part is there
+        dx_res, = torch.autograd.grad(xp, x, dr, retain_graph=True)   # the norm's output unused: dr alone
+        assert torch.equal(dx_res, dr)
+ng.fuse_residual_grad = True
+try:
+    ng.group_norm_nhwc(x, 32, wt, bs, 1e-5, shift=torch.randn(64), passthrough=True)
+    raise AssertionError("passthrough with a shift accepted")
+except ValueError as e:
+    assert "shift" in str(e)
+
 # trainable affine parameters: torch's kernel while gradients are recorded, these kernels under no_grad (sampling)
 gn = torch.nn.GroupNorm(8, 16)
 xc = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
@@ -89,6 +114,11 @@ def test_nhwc_group_norm_kernels_compile_for_an_h100(silu):
     compile_for_h100(ng._grad_stats_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
                                                  rstd_ptr=f, psg_ptr=f, psgx_ptr=f, HW=i, C=i, CG=i, G=i, S=i),
                      {"SILU": silu, "SHIFT": silu, **stats})
-    compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p, mean_ptr=f,
-                                             rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i, inv_n="fp32"),
-                     {"SILU": silu, "SHIFT": silu, **apply})
+    compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, res_ptr=p, dx_ptr=p, w_ptr=p, b_ptr=p,
+                                             mean_ptr=f, rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i, G=i,
+                                             inv_n="fp32"),
+                     {"SILU": silu, "SHIFT": silu, "RES": not silu, **apply})   # the transformers' norm; norm2
+    if silu:                                                                          # the resnets' norm1:
+        compile_for_h100(ng._grad_x_kernel, dict(x_ptr=p, shift_ptr=f, dy_ptr=p, res_ptr=p, dx_ptr=p, w_ptr=p,
+                                                 b_ptr=p, mean_ptr=f, rstd_ptr=f, sg_ptr=f, sgx_ptr=f, HW=i, C=i, CG=i,
+                                                 G=i, inv_n="fp32"), {"SILU": True, "SHIFT": False, "RES": True, **apply})
