@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import ahead, bias_folding
 from models.autocast_off import autocast_off
-from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_and_residual
+from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_and_residual, norm_silu
 from models.subpixel_upsample import set_subpixel_upsampling
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
@@ -482,6 +482,18 @@ class UNet2DConditionModel(nn.Module):
         self.set_nhwc_upsampling(enabled)
         self.set_bias_folding(enabled)
         self.set_short_attention(enabled)
+        self.set_thin_convs(enabled)
+
+    def set_thin_convs(self, enabled: bool = True) -> None:
+        """conv_in and conv_out (3x3 convolutions with the 4 latent channels on one side) in models/thin_conv.py's
+        Triton kernels where usable (CUDA fp16/bf16, frozen weights); cuDNN's 4-wide implicit GEMMs otherwise."""
+        from models import thin_conv
+        for m in (self.conv_in, self.conv_out):
+            m = getattr(m, "base_layer", m)                             # under a LoRA layer: its frozen conv
+            if enabled and thin_conv.thin(m):
+                m.forward = thin_conv.forward.__get__(m)
+            else:
+                m.__dict__.pop("forward", None)
 
     def set_short_attention(self, enabled: bool = True) -> None:
         """Attention over at most 128 keys (cross-attention's text tokens) in one Triton kernel each way
@@ -604,4 +616,4 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             up_size = tuple(skips[-1].shape[-2:]) if (odd and skips) else None
             x = block(x, block_skips, emb, encoder_hidden_states, up_size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))      # the SiLU in the norm's kernel where NHWC

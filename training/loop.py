@@ -132,6 +132,8 @@ class Trainer:
         if on("subpixel_upsample"):
             self.sd.unet.set_subpixel_upsampling(True)
             self.sd.vae.set_subpixel_upsampling(True)
+        if ours and self.channels_last and on("thin_convs"):
+            self.sd.unet.set_thin_convs(True)
         if ours and on("short_attention"):
             self.sd.unet.set_short_attention(True)
         if ours and on("ahead_stream"):

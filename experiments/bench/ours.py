@@ -24,7 +24,7 @@ _OFF = {"train.cuda_graph": "false", "train.channels_last": "false", "train.half
         "train.triton_lora_dropout": "false", "train.fused_layer_norms": "false", "train.nhwc_upsample": "false",
         "train.triton_lora_gemm": "false", "train.short_attention": "false",
         "train.lora_grad_stream": "false", "train.ahead_stream": "false", "train.pdl": "false",
-        "train.subpixel_upsample": "false", "train.fused_qkv_lora": "false"}
+        "train.subpixel_upsample": "false", "train.fused_qkv_lora": "false", "train.thin_convs": "false"}
 
 
 def _mode(**on) -> list[str]:
@@ -45,7 +45,7 @@ MODES = {  # name -> train.* overrides
                            fold_biases=1, fused_lora_backward=1, triton_lora_dropout=1,
                            fused_layer_norms=1, nhwc_upsample=1, triton_lora_gemm=1,
                            short_attention=1, lora_grad_stream=1, ahead_stream=1, pdl=1,
-                           subpixel_upsample=1, fused_qkv_lora=1),  # the default, eagerly
+                           subpixel_upsample=1, fused_qkv_lora=1, thin_convs=1),  # the default, eagerly
     "graph_fq": _mode(cuda_graph=1, fused_projections=1),
     "graph_compile": _mode(cuda_graph=1, compile=1),
     "compile": _mode(compile=1),
