@@ -88,7 +88,8 @@ calls = count_calls(ng, "group_norm_nhwc", lambda *a, **k: "silu" if (a[5] if le
 unet, outs, _ = unet_on_off(lambda u, on: u.set_norms_in_weight_dtype(True, nhwc=on), channels_last=True)
 n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
 n_res = sum(isinstance(m, ResnetBlock2D) for m in unet.modules())
-assert sum(calls.values()) == n_gn and calls.get("silu", 0) == 2 * n_res, (calls, n_gn, n_res)  # every input is channels_last
+# every input is channels_last; with SiLU: the resnets' two norms and conv_norm_out (before conv_out)
+assert sum(calls.values()) == n_gn and calls.get("silu", 0) == 2 * n_res + 1, (calls, n_gn, n_res)
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 print("ok", calls, n_gn)
 '''
