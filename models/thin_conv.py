@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import pdl
+from models.bias_folding import is_channels_last
+from models.nhwc_add import _rows                  # (B, C, H, W) channels_last -> its memory as (B*H*W, C)
 from models.triton_env import INTERPRET, available
 
 enabled = True   # UNet.set_thin_convs; experiments/bench/graph_ab.py toggles it
@@ -94,11 +96,6 @@ if available():
                  mask=(m[:, None] < M) & om[None, :])
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) channels_last -> its memory as (B*H*W, C), no copy."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def _taps(weight: torch.Tensor) -> torch.Tensor:
     """W (Cout, Cin, 3, 3) -> (9, Cin, Cout): tap t = 3 kh + kw."""
     return weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0])
@@ -158,10 +155,6 @@ def thin(conv: nn.Conv2d) -> bool:
             and (9 * conv.out_channels <= 128 or 9 * conv.in_channels <= 64))
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and (not x.is_contiguous() or x.shape[1] == 1)
-
-
 def usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Triton, a 4-D fp16/bf16 input on CUDA (or any dtype under the interpreter) of the weight's dtype, laid out
     channels_last (or few enough channels to copy it so: 9 C <= 128, conv_in's latents), frozen weights (or no
@@ -170,7 +163,7 @@ def usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
                                                or (conv.bias is not None and conv.bias.requires_grad)))
     return (enabled and available() and frozen and x.ndim == 4 and x.dtype == conv.weight.dtype
             and ((x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) or INTERPRET)
-            and (_channels_last(x) or 9 * x.shape[1] <= 128)
+            and (is_channels_last(x) or 9 * x.shape[1] <= 128)
             and 9 * max(x.shape[1], conv.out_channels) * x.numel() // x.shape[1] < 2 ** 31)
 
 
@@ -183,7 +176,7 @@ def forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         if usable(self, x_):
             x = x_
     if usable(self, x):
-        if not _channels_last(x):
+        if not is_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)          # (B, C <= 14, H, W): a small copy
         return _ThinConv.apply(x, self.weight, self.bias)
     return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
