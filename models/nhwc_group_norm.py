@@ -221,7 +221,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         _apply_kernel[grid](xv, sh, _nhwc(y), mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, SHIFT=on,
                             BLOCK_HW=k["apply_hw"], BLOCK_C=k["apply_c"], **pdl.kw(xv))
         ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
-        ctx.groups, ctx.silu, ctx.passthrough = groups, silu, passthrough
+        ctx.groups, ctx.silu = groups, silu
         ctx.set_materialize_grads(False)
         return (y, x.view_as(x)) if passthrough else y
 

@@ -319,10 +319,10 @@ def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
         if self.__dict__.get("nhwc"):
             from models import nhwc_group_norm  # Triton: imported only where asked for
             if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
-                pass_ = passthrough and x is x_in
+                fused = passthrough and x is x_in                         # (y, x') from the kernel's function
                 y = nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
-                                                    shift, passthrough=pass_)
-                return y if not passthrough else (y if pass_ else (y, x_in))
+                                                    shift, passthrough=fused)
+                return y if fused or not passthrough else (y, x_in)
         if shift is not None:
             x = x + shift.to(x.dtype).expand(x.shape[:2])[:, :, None, None]
         y = type(self).forward(self, x)
