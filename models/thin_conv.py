@@ -172,9 +172,7 @@ def forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     first, as autocast would), else torch's. The output is channels_last."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == self.weight.dtype:
-        x_ = x.to(self.weight.dtype)
-        if usable(self, x_):
-            x = x_
+        x = x.to(self.weight.dtype)                                     # the cast autocast gives F.conv2d too
     if usable(self, x):
         if not is_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)          # (B, C <= 14, H, W): a small copy

@@ -93,19 +93,21 @@ def _build(spec):
     return spec
 
 
+def _operands(func, args):
+    """(input, weight, stride, padding, backward) of a recorded call; a backward's input is its output gradient."""
+    if func is aten.convolution.default:
+        return args[0], args[1], tuple(args[3]), tuple(args[4]), False
+    return args[0], args[2], tuple(args[4]), tuple(args[5]), True
+
+
 def _as_gemm(func, args):
     """A stride-1 1x1 convolution's forward or input gradient as one cuBLAS GEMM over channels_last rows, or None."""
-    if func is aten.convolution.default:
-        x, w, stride = args[0], args[1], args[3]
-        if w.shape[2:] != (1, 1) or tuple(stride) != (1, 1):
-            return None
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])                  # (B H W, Cin), a view
-        return lambda: rows @ w.view(w.shape[0], -1).t()                       # (B H W, Cout)
-    g, w, stride = args[0], args[2], args[4]
-    if w.shape[2:] != (1, 1) or tuple(stride) != (1, 1):
+    x, w, stride, _, backward = _operands(func, args)
+    if w.shape[2:] != (1, 1) or stride != (1, 1):
         return None
-    rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])                      # (B H W, Cout)
-    return lambda: rows @ w.view(w.shape[0], -1)                               # (B H W, Cin)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])                      # (B H W, C in), a view
+    wm = w.view(w.shape[0], -1)                                                # (Cout, Cin)
+    return (lambda: rows @ wm) if backward else (lambda: rows @ wm.t())       # (B H W, C out)
 
 
 def _im2col_gemm(x: torch.Tensor, wm: torch.Tensor):
@@ -120,17 +122,14 @@ def _im2col_gemm(x: torch.Tensor, wm: torch.Tensor):
 
 def _as_im2col(func, args):
     """The same 3x3 stride-1 forward or input gradient through _im2col_gemm (timed with its copy), or None."""
-    if func is aten.convolution.default:
-        x, w, stride, pad = args[0], args[1], args[3], args[4]
-        if w.shape[2:] != (3, 3) or tuple(stride) != (1, 1) or tuple(pad) != (1, 1):
-            return None
-        wm = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)                    # (Cout, 9 Cin)
-        return lambda: _im2col_gemm(x, wm)
-    g, w, stride, pad = args[0], args[2], args[4], args[5]
-    if w.shape[2:] != (3, 3) or tuple(stride) != (1, 1) or tuple(pad) != (1, 1):
+    x, w, stride, pad, backward = _operands(func, args)
+    if w.shape[2:] != (3, 3) or stride != (1, 1) or pad != (1, 1):
         return None
-    wm = w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], -1)             # (Cin, 9 Cout): the adjoint's kernel
-    return lambda: _im2col_gemm(g, wm)
+    if backward:                                                               # the adjoint's kernel: (Cin, 9 Cout)
+        wm = w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], -1)
+    else:                                                                      # (Cout, 9 Cin)
+        wm = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    return lambda: _im2col_gemm(x, wm)
 
 
 def main():
