@@ -152,6 +152,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
         from models import short_attention  # Triton: imported only where asked for
         if short_attention.usable(q, k, heads) and v.dtype == q.dtype:
             return short_attention.short_attention(q, k, v, heads)
+    if not upcast and sdpa_backend.fa4(q, k, heads):
+        from models import fa4_attention  # optional package: imported only where asked for
+        return fa4_attention.attention(q, k, v, heads)
     b, n, inner = q.shape
     d = inner // heads
     dtype = q.dtype

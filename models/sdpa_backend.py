@@ -3,6 +3,8 @@
 "torch" (the default) keeps torch's own order (on Hopper with torch 2.11: cuDNN first). Naming a backend
 ("cudnn", "flash", "efficient", "math") puts it first in a priority list that keeps the others behind it,
 so a shape it cannot run falls back instead of failing: for comparing kernels, or "math" for a reference.
+"fa4" runs FlashAttention-4's kernels from the optional flash-attn-4 package (models/fa4_attention.py) where
+they take the shape, torch's order elsewhere.
 
 Measured, not guessed: a table picking per head dim the fastest kernel of experiments/bench/attention.py
 (cuDNN at d=40, FlashAttention-2 at d=80, the memory-efficient kernel for cross-attention at d=160) made
@@ -27,17 +29,31 @@ _policy = "torch"
 
 def set_policy(policy: str) -> None:
     global _policy
-    if policy not in ("torch", *NAMES):
-        raise ValueError(f"sdpa_backend: {policy!r} is not one of torch, {', '.join(NAMES)}")
-    if policy != "torch" and not _PRIORITY:
+    if policy not in ("torch", "fa4", *NAMES):
+        raise ValueError(f"sdpa_backend: {policy!r} is not one of torch, fa4, {', '.join(NAMES)}")
+    if policy == "fa4":
+        from models import fa4_attention
+        if not fa4_attention.available():
+            raise ValueError("sdpa_backend=fa4 needs the flash-attn-4 package (`pip install flash-attn-4`, which "
+                             "brings nvidia-cutlass-dsl) and a Hopper or newer GPU; it does not import here: use "
+                             "sdpa_backend=torch")
+    elif policy != "torch" and not _PRIORITY:
         raise ValueError(f"sdpa_backend={policy} needs torch >= 2.6 (sdpa_kernel's set_priority); "
                          f"this is {torch.__version__}: use sdpa_backend=torch")
     _policy = policy
 
 
+def fa4(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
+    """Whether this attention runs FlashAttention-4's kernels (policy fa4 and a shape they take)."""
+    if _policy != "fa4":
+        return False
+    from models import fa4_attention
+    return fa4_attention.usable(q, k, heads)
+
+
 def choose(q: torch.Tensor):
     """Context for one F.scaled_dot_product_attention call under the policy (CUDA only; not while compiling)."""
-    if _policy == "torch" or not q.is_cuda or torch.compiler.is_compiling():
+    if _policy not in NAMES or not q.is_cuda or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     first = NAMES[_policy]
     return sdpa_kernel([first, *(b for b in _ORDER if b != first)], set_priority=True)

@@ -47,3 +47,60 @@ def test_sdpa_policy_on_cuda_picks_the_kernel_and_keeps_the_numbers():
             names = {e.name for e in prof.events()}
             if not (policy == "cudnn" and torch.backends.cudnn.version() is None):
                 assert any(op in x for x in names), (n, m, d, policy, sorted(names))
+
+
+def test_fa4_policy_needs_the_package_and_says_how_to_get_it(monkeypatch):
+    from models import fa4_attention
+    monkeypatch.setattr(fa4_attention, "available", lambda: False)
+    with pytest.raises(ValueError, match="pip install flash-attn-4"):
+        sdpa_backend.set_policy("fa4")
+
+
+def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
+    """The FA4 route hands flash_attn_func (B, N, h, d) views of the (B, N, h*d) projections (q sliced out of a
+    fused q/k/v buffer, as lora/qkv_fn.py writes it) and takes its (out, lse) back: a stand-in with FA4's
+    signature (SDPA on its own transposes) must give blocks.attention's numbers. On CPU tensors the policy itself
+    falls back to torch (the kernels are CUDA-only)."""
+    from models import fa4_attention
+    seen = []
+
+    def fake(q, k, v):                                            # FA4's layout: (B, N, h, d)
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2)).transpose(1, 2)
+        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+    monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 16, 3 * 320)
+    q, k, v = qkv[..., :320], qkv[..., 320:640], qkv[..., 640:]   # strided views, token stride 960
+    ref = attention(q, k, v, heads=8)
+    assert torch.allclose(fa4_attention.attention(q, k, v, heads=8), ref, atol=1e-6)
+    assert seen == [((2, 16, 8, 40), (2, 16, 8, 40))]
+    sdpa_backend.set_policy("fa4")
+    assert not sdpa_backend.fa4(q, k, 8)                           # CPU: torch's kernels
+    assert torch.equal(attention(q, k, v, heads=8), ref)
+
+
+@cuda
+def test_fa4_kernels_match_fp32_where_installed():
+    """flash-attn-4's kernels (when installed, on Hopper or newer) at SD1.5's self-attention head dims, forward and
+    input gradients against fp32 SDPA on the same bf16 inputs."""
+    from models import fa4_attention
+    if not fa4_attention.available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("flash-attn-4 not installed or GPU older than Hopper")
+    sdpa_backend.set_policy("fa4")
+    torch.manual_seed(0)
+    for n, d in [(1024, 40), (256, 80), (64, 160)]:
+        q, k, v = (torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        assert sdpa_backend.fa4(q, k, 8)
+        g = torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16)
+        out = attention(q, k, v, heads=8)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        sdpa_backend.set_policy("math")
+        ref = attention(*f32, heads=8)
+        ref_grads = torch.autograd.grad(ref, f32, g.float())
+        sdpa_backend.set_policy("fa4")
+        for a, b in ((out, ref), *zip(grads, ref_grads)):
+            assert ((a.float() - b).norm() / b.norm()) < 1e-2, (n, d)

@@ -1,0 +1,46 @@
+"""FlashAttention-4's kernels for the UNet's attentions (`train.sdpa_backend=fa4`), from the optional `flash-attn-4`
+package (Dao-AILab/flash-attention's CuTe DSL implementation, which also ships the Hopper kernels of
+FlashAttention-3: Shah et al. 2024, producer/consumer warpgroups and the softmax of one tile overlapped with the
+other's GEMMs). Not a dependency: `pip install flash-attn-4` (it brings nvidia-cutlass-dsl). The kernels are
+compiled on first use per shape (seconds each), so the first steps are slow.
+
+It takes (B, N, heads, d) tensors, the layout the projections write, so no transposes: (B, N, h*d) views in,
+(B, N, h*d) out. Head dims must be multiples of 8 up to 256 on Hopper (its `_validate_head_dims`); elsewhere,
+and while torch.compile traces, the caller falls back to torch's SDPA.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    """flash_attn.cute.flash_attn_func, or None where the package (or its CUTLASS DSL) does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception:  # noqa: BLE001 - any failure to import (missing package, CUDA libraries) means: not here
+        return None
+    return flash_attn_func
+
+
+def available() -> bool:
+    return _flash_attn_func() is not None
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
+    d = q.shape[-1] // heads
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0
+            and 8 <= d <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and not torch.compiler.is_compiling() and available())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1) on (B, N, h*d), (B, M, h*d) -> (B, N, h*d)."""
+    b, n, inner = q.shape
+    d = inner // heads
+    out = _flash_attn_func()(q.view(b, n, heads, d), k.view(b, k.shape[1], heads, d),
+                             v.view(b, v.shape[1], heads, d))      # (B, N, h, d)
+    out = out[0] if isinstance(out, tuple) else out               # (out, lse) in some versions
+    return out.reshape(b, n, inner)                               # (B, N, h*d)
