@@ -7,12 +7,22 @@ compiled on first use per shape (seconds each), so the first steps are slow.
 It takes (B, N, heads, d) tensors, the layout the projections write, so no transposes: (B, N, h*d) views in,
 (B, N, h*d) out. Head dims must be multiples of 8 up to 256 on Hopper (its `_validate_head_dims`); elsewhere,
 and while torch.compile traces, the caller falls back to torch's SDPA.
+
+Head dims that are not multiples of 32 are zero-padded to the next one here (SD1.5's 40 and 80 to 64 and 96),
+the softmax scale kept at 1/sqrt(d): zero columns change neither q.k nor the weights, and the output's extra
+columns (P times zero) are dropped. Measured on an H100 (experiments/bench/RESULTS.md, session 18): flash-attn-4
+4.0.0b36's Hopper backward returns a wrong dq at head dims 40, 48 and 80 (relative error 1.1-1.3; out, dk, dv
+right) and a right one at 64, 96, 128 and 160. Its kernel rounds the head dim up to 16 while the dq accumulator
+it hands on is laid out for a multiple of 32 (Dao-AILab/flash-attention pull request 2896, open).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
+
+HEAD_DIM_MULTIPLE = 32  # pad head dims to a multiple of this (see above)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +50,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1) on (B, N, h*d), (B, M, h*d) -> (B, N, h*d)."""
     b, n, inner = q.shape
     d = inner // heads
-    out = _flash_attn_func()(q.view(b, n, heads, d), k.view(b, k.shape[1], heads, d),
-                             v.view(b, v.shape[1], heads, d))      # (B, N, h, d)
+    q, k, v = q.view(b, n, heads, d), k.view(b, k.shape[1], heads, d), v.view(b, v.shape[1], heads, d)
+    padded = -(-d // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+    if padded != d:                                               # (B, N, h, d) -> (B, N, h, padded), zeros
+        q, k, v = (F.pad(t, (0, padded - d)) for t in (q, k, v))
+    out = _flash_attn_func()(q, k, v, softmax_scale=d ** -0.5)    # (B, N, h, padded)
     out = out[0] if isinstance(out, tuple) else out               # (out, lse) in some versions
-    return out.reshape(b, n, inner)                               # (B, N, h*d)
+    return out[..., :d].reshape(b, n, inner)                      # (B, N, h*d)

@@ -58,24 +58,31 @@ def test_fa4_policy_needs_the_package_and_says_how_to_get_it(monkeypatch):
 
 def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
     """The FA4 route hands flash_attn_func (B, N, h, d) views of the (B, N, h*d) projections (q sliced out of a
-    fused q/k/v buffer, as lora/qkv_fn.py writes it) and takes its (out, lse) back: a stand-in with FA4's
-    signature (SDPA on its own transposes) must give blocks.attention's numbers. On CPU tensors the policy itself
-    falls back to torch (the kernels are CUDA-only)."""
+    fused q/k/v buffer, as lora/qkv_fn.py writes it), head dim 40 zero-padded to 64 with the softmax scale of 40,
+    and takes its (out, lse) back: a stand-in with FA4's signature (SDPA on its own transposes) must give
+    blocks.attention's numbers and input gradients. On CPU tensors the policy itself falls back to torch (the
+    kernels are CUDA-only)."""
     from models import fa4_attention
     seen = []
 
-    def fake(q, k, v):                                            # FA4's layout: (B, N, h, d)
-        seen.append((tuple(q.shape), tuple(k.shape)))
+    def fake(q, k, v, softmax_scale):                             # FA4's layout: (B, N, h, d)
+        seen.append((tuple(q.shape), tuple(k.shape), softmax_scale))
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2)).transpose(1, 2)
+                                                               v.transpose(1, 2),
+                                                               scale=softmax_scale).transpose(1, 2)
         return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
     monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
     torch.manual_seed(0)
-    qkv = torch.randn(2, 16, 3 * 320)
+    qkv = torch.randn(2, 16, 3 * 320, requires_grad=True)
     q, k, v = qkv[..., :320], qkv[..., 320:640], qkv[..., 640:]   # strided views, token stride 960
+    g = torch.randn(2, 16, 320)
     ref = attention(q, k, v, heads=8)
-    assert torch.allclose(fa4_attention.attention(q, k, v, heads=8), ref, atol=1e-6)
-    assert seen == [((2, 16, 8, 40), (2, 16, 8, 40))]
+    ref_grad, = torch.autograd.grad(ref, qkv, g)
+    out = fa4_attention.attention(q, k, v, heads=8)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(out, qkv, g)[0], ref_grad, atol=1e-5)
+    assert seen == [((2, 16, 8, 64), (2, 16, 8, 64), 40 ** -0.5)]
+    q, k, v = (t.detach() for t in (q, k, v))
     sdpa_backend.set_policy("fa4")
     assert not sdpa_backend.fa4(q, k, 8)                           # CPU: torch's kernels
     assert torch.equal(attention(q, k, v, heads=8), ref)

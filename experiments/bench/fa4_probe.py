@@ -3,7 +3,11 @@ self-attention shapes, batch 8 bf16: forward, forward + backward, and each one's
 
     python -m experiments.bench.fa4_probe [BATCH]
 
-cuDNN's kernel at the 64x64 level's head dim 40 takes the time of head dim 64 (RESULTS.md, session 9: bound by the
+"FA4" calls flash_attn_func as is; "ours" is models/fa4_attention.py's route (head dims zero-padded to a multiple of
+32: the package's Hopper backward returns a wrong dq otherwise, session 18). Errors: max |x - ref| / max |ref| of the
+output and of the worst of dq, dk, dv.
+
+cuDNN's kernel at the 64x64 level's head dim 40 takes the time of head dim 64 (RESULTS.md, session 12: bound by the
 softmax's per-score work, not by the matmuls). FlashAttention-3's design (Shah et al. 2024: producer/consumer
 warpgroups, the softmax of one tile overlapped with the other's GEMMs), which flash-attn-4 also ships for sm90, is
 the known way past that. Needs flash-attn-4 and nvidia-cutlass-dsl importable; prints why not otherwise.
@@ -32,8 +36,9 @@ def main():
     except Exception as e:  # noqa: BLE001 - the probe reports any import failure
         print(f"flash-attn-4 not importable: {type(e).__name__}: {e}")
         return
-    print("| shape (B, N, heads x d) | cuDNN fwd ms | FA4 fwd ms | cuDNN fwd+bwd ms | FA4 fwd+bwd ms | "
-          "rel. err cuDNN (out, dq) | rel. err FA4 (out, dq) |")
+    from models import fa4_attention
+    print("| shape (B, N, heads x d) | cuDNN fwd / fwd+bwd ms | FA4 | ours | error out, worst grad: cuDNN | FA4 | "
+          "ours |")
     print("|---|---|---|---|---|---|---|")
     for name, n, h, d in SHAPES:
         torch.manual_seed(0)
@@ -41,32 +46,28 @@ def main():
         g = torch.randn_like(q)
 
         def sdpa():   # (B, N, h, d) -> SDPA's (B, h, N, d) views and back
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2)).transpose(1, 2)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
 
         def fa4():
             out = flash_attn_func(q, k, v)
             return out[0] if isinstance(out, tuple) else out
 
+        def ours():
+            return fa4_attention.attention(*(t.view(b, t.shape[1], h * d) for t in (q, k, v)), h).view(b, n, h, d)
+
         # fp32 reference on the same bf16 inputs
-        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-        ref = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2)).transpose(1, 2)
-        ref.backward(g.float())
-        errs = {}
-        for label, fn in (("cudnn", sdpa), ("fa4", fa4)):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                q.grad = None
-                o = fn()
-                o.backward(g)
-                errs[label] = (_err(o, ref), _err(q.grad, qf.grad))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            c_f = time_ms(sdpa)
-            c_b = time_ms(lambda: sdpa().backward(g))
-        f_f = time_ms(fa4)
-        f_b = time_ms(lambda: fa4().backward(g))
-        print(f"| {name} ({b}, {n}, {h} x {d}) | {c_f:.3f} | {f_f:.3f} | {c_b:.3f} | {f_b:.3f} | "
-              f"{errs['cudnn'][0]:.1e}, {errs['cudnn'][1]:.1e} | {errs['fa4'][0]:.1e}, {errs['fa4'][1]:.1e} |",
-              flush=True)
+        f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in f32)).transpose(1, 2)
+        ref_grads = torch.autograd.grad(ref, f32, g.float())
+        cells, errs = [], []
+        for fn in (sdpa, fa4, ours):
+            out = fn()
+            grads = torch.autograd.grad(out, (q, k, v), g)
+            errs.append(f"{_err(out, ref):.1e}, {max(_err(a, r) for a, r in zip(grads, ref_grads)):.1e}")
+            cells.append(f"{time_ms(fn):.3f} / {time_ms(lambda: fn().backward(g)):.3f}")
+        print(f"| {name} ({b}, {n}, {h} x {d}) | {' | '.join(cells)} | {' | '.join(errs)} |", flush=True)
 
 
 if __name__ == "__main__":
