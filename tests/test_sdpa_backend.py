@@ -88,16 +88,70 @@ def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
     assert torch.equal(attention(q, k, v, heads=8), ref)
 
 
+class _Sm90BackwardLike:
+    """A stand-in for flash-attn-4 4.0.0b36's FlashAttentionBackwardSm90: its __init__'s rounding as written there."""
+
+    def __init__(self, dtype, head_dim, head_dim_v=None, dKV_swapAB=False, SdP_swapAB=True):
+        hdim_multiple_of = 64 if dKV_swapAB else 16
+        self.tile_hdim = -(-head_dim // hdim_multiple_of) * hdim_multiple_of
+        head_dim_v = head_dim_v if head_dim_v is not None else head_dim
+        self.tile_hdimv = -(-head_dim_v // hdim_multiple_of) * hdim_multiple_of
+        self.check_hdim_oob = head_dim != self.tile_hdim
+        self.check_hdim_v_oob = head_dim_v != self.tile_hdimv
+        self.dKV_swapAB, self.SdP_swapAB = dKV_swapAB, SdP_swapAB
+        self.shuffle_LSE = self.shuffle_dPsum = self.SdP_swapAB and self.tile_hdim <= 64
+
+
+def test_fa4_backward_rounding_fix_rounds_like_the_dq_accumulator():
+    """fix_backward_rounding (pull request 2896's fix): non-swapped tiles round to 32 (40 -> 64, 80 -> 96, was 48
+    and 80) with the out-of-bounds flags to match; swapped tiles, already multiples of 32, and classes with other
+    source are left alone; patching twice wraps once."""
+    from models import fa4_attention
+
+    class Patched(_Sm90BackwardLike):
+        __init__ = _Sm90BackwardLike.__init__
+    assert Patched(None, 40).tile_hdim == 48                       # the bug: 48, where dq's accumulator has 64
+    assert fa4_attention.fix_backward_rounding(Patched) and fa4_attention.fix_backward_rounding(Patched)
+    for d, tile, oob in ((40, 64, True), (48, 64, True), (64, 64, False), (80, 96, True), (96, 96, False), (128, 128, False)):
+        k = Patched(None, d)
+        assert (k.tile_hdim, k.tile_hdimv, k.check_hdim_oob, k.check_hdim_v_oob) == (tile, tile, oob, oob), d
+        assert k.shuffle_LSE == (tile <= 64)
+    assert Patched(None, 160, dKV_swapAB=True).tile_hdim == 192    # swapped: 64-multiples, untouched
+    assert Patched(None, 64, head_dim_v=40).check_hdim_v_oob
+
+    class Other:
+        def __init__(self, dtype, head_dim):
+            self.tile_hdim = head_dim
+    assert not fa4_attention.fix_backward_rounding(Other) and Other(None, 40).tile_hdim == 40
+
+
+def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch):
+    from models import fa4_attention
+    seen = []
+
+    def fake(q, k, v, softmax_scale):
+        seen.append((q.shape[-1], softmax_scale))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale).transpose(1, 2)
+    monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
+    monkeypatch.setattr(fa4_attention, "_backward_rounding_fixed", lambda: True)
+    monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", True)
+    q, k, v = torch.randn(3, 2, 16, 320).unbind(0)
+    assert torch.allclose(fa4_attention.attention(q, k, v, heads=8), attention(q, k, v, heads=8), atol=1e-6)
+    assert seen == [(40, 40 ** -0.5)]
+
+
 @cuda
-def test_fa4_kernels_match_fp32_where_installed():
+def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
     """flash-attn-4's kernels (when installed, on Hopper or newer) at SD1.5's self-attention head dims, forward and
-    input gradients against fp32 SDPA on the same bf16 inputs."""
+    input gradients against fp32 SDPA on the same bf16 inputs: the padded route, then the rounding fix's."""
     from models import fa4_attention
     if not fa4_attention.available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("flash-attn-4 not installed or GPU older than Hopper")
     sdpa_backend.set_policy("fa4")
     torch.manual_seed(0)
-    for n, d in [(1024, 40), (256, 80), (64, 160)]:
+    for n, d, fix in [(1024, 40, False), (256, 80, False), (64, 160, False), (1024, 40, True), (256, 80, True)]:
+        monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", fix)
         q, k, v = (torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         assert sdpa_backend.fa4(q, k, 8)
@@ -110,4 +164,4 @@ def test_fa4_kernels_match_fp32_where_installed():
         ref_grads = torch.autograd.grad(ref, f32, g.float())
         sdpa_backend.set_policy("fa4")
         for a, b in ((out, ref), *zip(grads, ref_grads)):
-            assert ((a.float() - b).norm() / b.norm()) < 1e-2, (n, d)
+            assert ((a.float() - b).norm() / b.norm()) < 1e-2, (n, d, fix)
