@@ -5,7 +5,11 @@ benchmark processes differ by up to 3-7% in s/step at batch 8, while the graphed
 0.5% from process to process (experiments/bench/RESULTS.md, session 8): replays in one process show a switch
 worth 0.5%.
 
-    python -m experiments.bench.graph_ab [CONFIG] [MODULE.ATTR[=VALUE]] [ROUNDS]   (b8_bf16 lora.lora_mm.enabled 5)
+    python -m experiments.bench.graph_ab [CONFIG] [MODULE.ATTR[=VALUE]] [ROUNDS] [--base MODULE.ATTR=VALUE ...]
+    (b8_bf16 lora.lora_mm.enabled 5)
+
+--base settings apply to both graphs, e.g. the padded FA4 route against its rounding fix:
+    graph_ab b8_bf16 models.fa4_attention.FIX_BACKWARD_ROUNDING=True 5 --base "models.sdpa_backend._policy='fa4'"
 """
 import ast
 import importlib
@@ -29,17 +33,29 @@ def replay_ms(graph, n: int = 20) -> float:
     return a.elapsed_time(b) / n
 
 
-def main():
-    name = sys.argv[1] if len(sys.argv) > 1 else "b8_bf16"
-    switch = sys.argv[2] if len(sys.argv) > 2 else "lora.lora_mm.enabled"
-    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
-    switch, _, value = switch.partition("=")
+def _setting(arg: str):
+    """MODULE.ATTR[=VALUE] -> (module, attr, value or None)."""
+    switch, _, value = arg.partition("=")
     module, attr = switch.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    changed = ast.literal_eval(value) if value else False
+    return importlib.import_module(module), attr, ast.literal_eval(value) if value else None
+
+
+def main():
+    args, base = sys.argv[1:], []
+    while "--base" in args:
+        i = args.index("--base")
+        base.append(_setting(args[i + 1]))
+        del args[i:i + 2]
+    name = args[0] if args else "b8_bf16"
+    switch = args[1] if len(args) > 1 else "lora.lora_mm.enabled"
+    rounds = int(args[2]) if len(args) > 2 else 5
+    mod, attr, changed = _setting(switch)
+    changed = False if changed is None else changed
     w = world("/tmp/bench", False)
     with tempfile.TemporaryDirectory() as tmp:
         tr = trainer(name, "unet", "default", w, Path(tmp))
+        for m, a, v in base:                   # after the trainer, whose setup applies its config (e.g. the policy)
+            setattr(m, a, v)
         graphs = {}
         for key, v in (("default", getattr(mod, attr)), ("changed", changed)):
             setattr(mod, attr, v)
@@ -55,7 +71,7 @@ def main():
                 times[key].append(replay_ms(g))
     med = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
     d, c = med["default"], med["changed"]
-    print(f"{name}, {switch}: default {d:.2f} ms/step, ={changed!r} {c:.2f} ms/step (medians of {rounds} rounds of "
+    print(f"{name}, {switch.partition('=')[0]}: default {d:.2f} ms/step, ={changed!r} {c:.2f} ms/step (medians of {rounds} rounds of "
           f"20 replays; default {', '.join(f'{t:.2f}' for t in times['default'])}; changed "
           f"{', '.join(f'{t:.2f}' for t in times['changed'])}): the default is {100 * (c - d) / c:+.1f}% faster")
 
