@@ -30,6 +30,10 @@ import torch.nn.functional as F
 
 HEAD_DIM_MULTIPLE = 32  # pad head dims to a multiple of this (see above)
 FIX_BACKWARD_ROUNDING = False  # patch the package's backward rounding instead of padding (see above)
+# Attentions over fewer keys stay on torch's SDPA. Session 18's eager probe had FA4 faster than cuDNN at 4,096 keys
+# and 2-2.5x slower at 1,024 and 256 (its host-side launch included, which a CUDA graph removes): to be measured in
+# the graphed step (graph_ab ... models.fa4_attention.MIN_KEYS=2048 --base the policy).
+MIN_KEYS = 0
 _BUGGY, _FIXED = "64 if dKV_swapAB else 16", "64 if dKV_swapAB else 32"  # its rounding line, before and after
 
 
@@ -85,7 +89,7 @@ def available() -> bool:
 def usable(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
     d = q.shape[-1] // heads
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0
-            and 8 <= d <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and 8 <= d <= 256 and k.shape[1] >= MIN_KEYS and torch.cuda.get_device_capability(q.device)[0] >= 9
             and not torch.compiler.is_compiling() and available())
 
 

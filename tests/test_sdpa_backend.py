@@ -155,6 +155,9 @@ def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
         q, k, v = (torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         assert sdpa_backend.fa4(q, k, 8)
+        monkeypatch.setattr(fa4_attention, "MIN_KEYS", n + 1)
+        assert not sdpa_backend.fa4(q, k, 8)                       # fewer keys than MIN_KEYS: torch's SDPA
+        monkeypatch.setattr(fa4_attention, "MIN_KEYS", 0)
         g = torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16)
         out = attention(q, k, v, heads=8)
         grads = torch.autograd.grad(out, (q, k, v), g)
