@@ -64,18 +64,8 @@ def record(batch: int) -> Counter:
 
 
 def record_step(name: str) -> Counter:
-    import tempfile
-    from pathlib import Path
-
-    from experiments.bench.configs import world
-    from experiments.bench.ours import trainer
-    w = world("/tmp/bench", False)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "unet", "eager_default", w, Path(tmp))
-        for _ in range(2):
-            tr.launch_step()
-        tr.drain()
-        torch.cuda.synchronize()
+    from experiments.bench.ours import warm_trainer
+    with warm_trainer(name, "eager_default", 2) as tr:
         rec = _Record()
         with rec:
             tr.launch_step()

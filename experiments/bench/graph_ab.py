@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from experiments.bench.configs import world
-from experiments.bench.ours import trainer
+from experiments.bench.ours import run_steps, trainer
 
 
 def replay_ms(graph, n: int = 20) -> float:
@@ -60,10 +60,7 @@ def main():
         for key, v in (("default", getattr(mod, attr)), ("changed", changed)):
             setattr(mod, attr, v)
             tr.graphed.graphs.clear()          # the next step records a new graph with the setting as it is now
-            for _ in range(3):
-                tr.launch_step()
-            tr.drain()
-            torch.cuda.synchronize()
+            run_steps(tr, 3)
             (graphs[key], _), = tr.graphed.graphs.values()
         times = {key: [] for key in graphs}
         for _ in range(rounds):

@@ -5,26 +5,17 @@ replay between CUDA events.
     python -m experiments.bench.graph_gap [CONFIG] [STEPS]
 """
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from experiments.bench.configs import world
-from experiments.bench.ours import trainer
+from experiments.bench.ours import warm_trainer
 
 
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "b8_bf16"
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
-    w = world("/tmp/bench", False)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "unet", "default", w, Path(tmp))
-        for _ in range(4):
-            tr.launch_step()
-        tr.drain()
-        torch.cuda.synchronize()
+    with warm_trainer(name, "default", 4) as tr:
         t = time.perf_counter()
         for i in range(steps):
             tr.launch_step()

@@ -7,6 +7,7 @@ every step); MODE: see MODES. --gpu-gib N: the caching allocator may hold at mos
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -92,6 +93,26 @@ def trainer(name: str, part: str, mode: str, w: dict, run_dir: Path):
           f"train.cache_text={cached}", *MODES[mode]]   # no CUDA graph on a CPU
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return Trainer(compose("config", overrides=ov))
+
+
+def run_steps(tr, n: int) -> None:
+    """n optimizer steps launched back to back, their records drained, the GPU waited for."""
+    import torch
+    for _ in range(n):
+        tr.launch_step()
+    tr.drain()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def warm_trainer(name: str, mode: str, warm: int, root: str = "/tmp/bench"):
+    """The UNet-part Trainer of config `name` on the SD1.5-size GPU world, after `warm` steps (cuDNN's algorithm
+    search, the CUDA graph's recording), in a run directory that lives as long as the context."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = trainer(name, "unet", mode, world(root, False), Path(tmp))
+        run_steps(tr, warm)
+        yield tr
 
 
 def measure(name: str, part: str, mode: str, w: dict) -> dict:

@@ -11,16 +11,13 @@ shows the names.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from experiments.bench.configs import world
-from experiments.bench.ours import trainer
+from experiments.bench.ours import run_steps, warm_trainer
 
 KINDS = [  # (kind, substrings of a kernel name), first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
@@ -48,20 +45,11 @@ def main():
         rows = int(args[i + 1])
         del args[i:i + 2]
     name, mode = args[0], args[1] if len(args) > 1 else "eager"
-    w = world(args[2] if len(args) > 2 else "/tmp/bench", False)
     steps = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "unet", mode, w, Path(tmp))
-        for _ in range(4):
-            tr.launch_step()
-        tr.drain()
-        torch.cuda.synchronize()
+    with warm_trainer(name, mode, 4, args[2] if len(args) > 2 else "/tmp/bench") as tr:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
             t = time.perf_counter()
-            for _ in range(steps):
-                tr.launch_step()
-            tr.drain()
-            torch.cuda.synchronize()
+            run_steps(tr, steps)
             wall = (time.perf_counter() - t) / steps
     by_kind, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for e in prof.events():
