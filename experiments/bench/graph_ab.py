@@ -56,11 +56,16 @@ def main():
         tr = trainer(name, "unet", "default", w, Path(tmp))
         for m, a, v in base:                   # after the trainer, whose setup applies its config (e.g. the policy)
             setattr(m, a, v)
-        graphs = {}
+        run_steps(tr, 3)                       # optimizer state, cuDNN's search: outside both recordings' peaks
+        graphs, extra = {}, {}
         for key, v in (("default", getattr(mod, attr)), ("changed", changed)):
             setattr(mod, attr, v)
             tr.graphed.graphs.clear()          # the next step records a new graph with the setting as it is now
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             run_steps(tr, 3)
+            extra[key] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30   # the recording's pool and workspaces
             (graphs[key], _), = tr.graphed.graphs.values()
         times = {key: [] for key in graphs}
         for _ in range(rounds):
@@ -71,6 +76,8 @@ def main():
     print(f"{name}, {switch.partition('=')[0]}: default {d:.2f} ms/step, ={changed!r} {c:.2f} ms/step (medians of {rounds} rounds of "
           f"20 replays; default {', '.join(f'{t:.2f}' for t in times['default'])}; changed "
           f"{', '.join(f'{t:.2f}' for t in times['changed'])}): the default is {100 * (c - d) / c:+.1f}% faster")
+    print(f"  peak allocated above the trainer's while recording: default {extra['default']:.2f} GiB, changed "
+          f"{extra['changed']:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ MODES = {  # name -> train.* overrides
     "session5": ["train.cast_lora_once=false", "train.fold_biases=false", "train.fused_lora_backward=false",
                  "train.triton_lora_dropout=false", "train.fused_layer_norms=false", "train.nhwc_upsample=false"],
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
+    "default_fa4": ["train.sdpa_backend=fa4"],      # FlashAttention-4's Hopper kernels (flash-attn-4 installed)
 }
 
 
