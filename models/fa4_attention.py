@@ -8,17 +8,23 @@ It takes (B, N, heads, d) tensors, the layout the projections write, so no trans
 (B, N, h*d) out. Head dims must be multiples of 8 up to 256 on Hopper (its `_validate_head_dims`); elsewhere,
 and while torch.compile traces, the caller falls back to torch's SDPA.
 
-Head dims that are not multiples of 32 are zero-padded to the next one here (SD1.5's 40 and 80 to 64 and 96),
-the softmax scale kept at 1/sqrt(d): zero columns change neither q.k nor the weights, and the output's extra
-columns (P times zero) are dropped. Measured on an H100 (experiments/bench/RESULTS.md, session 18): flash-attn-4
-4.0.0b36's Hopper backward returns a wrong dq at head dims 40, 48 and 80 (relative error 1.1-1.3; out, dk, dv
-right) and a right one at 64, 96, 128 and 160. Its kernel rounds the head dim up to 16 while the dq accumulator
-it hands on is laid out for a multiple of 32 (Dao-AILab/flash-attention pull request 2896, open).
+Where the fix below is off or does not apply, head dims that are not multiples of 32 are zero-padded to the next
+one (SD1.5's 40 and 80 to 64 and 96), the softmax scale kept at 1/sqrt(d): zero columns change neither q.k nor the
+weights, and the output's extra columns (P times zero) are dropped. Measured on an H100
+(experiments/bench/RESULTS.md, session 18): flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq at head dims
+40, 48 and 80 (relative error 1.1-1.3; out, dk, dv right) and a right one at 64, 96, 128 and 160. Its kernel rounds
+the head dim up to 16 while the dq accumulator it hands on is laid out for a multiple of 32
+(Dao-AILab/flash-attention pull request 2896, open).
 
-`FIX_BACKWARD_ROUNDING = True` instead applies that pull request's fix to the installed package (its Hopper backward
-kernel rounds to 32 like its dq accumulator; `fix_backward_rounding`) and passes head dims unpadded: the forward then
-runs 48-wide at head dim 40, the backward 64-wide, with no copies. Off by default until a GPU has run it (session
-18 had no device time left); the padding relies only on head dims the package gets right.
+`FIX_BACKWARD_ROUNDING` (on) instead applies that pull request's fix to the installed package (its Hopper backward
+kernel rounds to 32 like its dq accumulator; `fix_backward_rounding`) and passes head dims unpadded: the forward
+then runs 48-wide at head dim 40, the backward 64-wide, with no copies. The backward's compiled kernels are cached by
+shape, not by the class's rounding, so the patch also gives the backward a cache namespace of its own
+(`fresh_backward_cache`): no kernel built before it, in this process or on disk, is used after it. Measured on an
+H100 (RESULTS.md, session 19): right against fp32 at head dims 40 and 80 (the CUDA test); batch 8's graphed step
+44.79 ms against 47.30 with cuDNN in one process, 45.02 against 47.35 padded in another, and the padded route's
+0.48 GiB of copies gone. Where the package's
+source has neither the buggy line nor the fixed one, the head dims are padded as above.
 """
 from __future__ import annotations
 
@@ -29,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 HEAD_DIM_MULTIPLE = 32  # pad head dims to a multiple of this (see above)
-FIX_BACKWARD_ROUNDING = False  # patch the package's backward rounding instead of padding (see above)
-# Attentions over fewer keys stay on torch's SDPA. Session 18's eager probe had FA4 faster than cuDNN at 4,096 keys
-# and 2-2.5x slower at 1,024 and 256 (its host-side launch included, which a CUDA graph removes): to be measured in
-# the graphed step (graph_ab ... models.fa4_attention.MIN_KEYS=2048 --base the policy).
+FIX_BACKWARD_ROUNDING = True  # patch the package's backward rounding instead of padding (see above)
+# Attentions over fewer keys stay on torch's SDPA. The eager probe has FA4 slower than cuDNN at 1,024 and 256 keys
+# (its host-side launch included), but in the graphed b8 step FA4 everywhere beat FA4 at 4,096 keys only (MIN_KEYS
+# 2048): 45.11 against 45.72 ms (H100, session 19). So 0.
 MIN_KEYS = 0
+BACKWARD_CACHE = "bwd_tile32"  # the patched backward's compile-cache namespace (the package's own is "bwd")
 _BUGGY, _FIXED = "64 if dKV_swapAB else 16", "64 if dKV_swapAB else 32"  # its rounding line, before and after
 
 
@@ -76,10 +83,29 @@ def fix_backward_rounding(cls) -> bool:
     return True
 
 
+def fresh_backward_cache(interface, get_jit_cache) -> None:
+    """Give the package's backward (`interface._flash_attn_bwd`) an empty compile cache under BACKWARD_CACHE. Its
+    kernels are keyed by shape and dtype, so one compiled before the rounding fix (the bug included) would
+    otherwise be reused after it; with FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 the cache is on disk, keyed by the
+    package's unpatched source, and outlives the process."""
+    interface._flash_attn_bwd.compile_cache = get_jit_cache(BACKWARD_CACHE)
+
+
 @functools.lru_cache(maxsize=None)
 def _backward_rounding_fixed() -> bool:
-    from flash_attn.cute import flash_bwd_sm90
-    return fix_backward_rounding(flash_bwd_sm90.FlashAttentionBackwardSm90)
+    """Patch the installed package once (the class and its backward's cache); whether it rounds to 32 now (False:
+    a version laid out otherwise, whose head dims are then padded)."""
+    try:
+        from flash_attn.cute import cache_utils, flash_bwd_sm90, interface
+    except ImportError:
+        return False
+    cls = flash_bwd_sm90.FlashAttentionBackwardSm90
+    patching = not getattr(cls, "_rounds_to_32", False)
+    if not fix_backward_rounding(cls):
+        return False
+    if patching and getattr(cls, "_rounds_to_32", False):         # ours, not a release with the fix
+        fresh_backward_cache(interface, cache_utils.get_jit_cache)
+    return True
 
 
 def available() -> bool:

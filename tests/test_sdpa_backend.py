@@ -1,5 +1,6 @@
 """models/sdpa_backend.py: the attention kernel asked for first."""
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -72,6 +73,7 @@ def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
                                                                scale=softmax_scale).transpose(1, 2)
         return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
     monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
+    monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", False)  # the padded route
     torch.manual_seed(0)
     qkv = torch.randn(2, 16, 3 * 320, requires_grad=True)
     q, k, v = qkv[..., :320], qkv[..., 320:640], qkv[..., 640:]   # strided views, token stride 960
@@ -123,6 +125,41 @@ def test_fa4_backward_rounding_fix_rounds_like_the_dq_accumulator():
         def __init__(self, dtype, head_dim):
             self.tile_hdim = head_dim
     assert not fa4_attention.fix_backward_rounding(Other) and Other(None, 40).tile_hdim == 40
+
+
+def test_fa4_patch_gives_the_backward_a_cache_without_kernels_built_before_it(monkeypatch):
+    """_backward_rounding_fixed on a stand-in package: the class rounds to 32 afterwards, and the backward's compile
+    cache is a new one under its own name, so a kernel compiled (with the bug) before the patch is not reused: session
+    19's probe, which ran FA4 unpatched first, got the wrong dq after patching until this."""
+    import types
+
+    from models import fa4_attention
+
+    class Bwd(_Sm90BackwardLike):
+        __init__ = _Sm90BackwardLike.__init__
+
+    def _flash_attn_bwd():
+        pass
+    _flash_attn_bwd.compile_cache = {("bf16", 40): "kernel built at tile 48"}
+    made = []
+
+    def get_jit_cache(name):
+        made.append(name)
+        return {}
+    mods = {"flash_attn": types.ModuleType("flash_attn"), "flash_attn.cute": types.ModuleType("flash_attn.cute"),
+            "flash_attn.cute.flash_bwd_sm90": types.SimpleNamespace(FlashAttentionBackwardSm90=Bwd),
+            "flash_attn.cute.interface": types.SimpleNamespace(_flash_attn_bwd=_flash_attn_bwd),
+            "flash_attn.cute.cache_utils": types.SimpleNamespace(get_jit_cache=get_jit_cache)}
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("flash_bwd_sm90", "interface", "cache_utils"):
+        monkeypatch.setattr(mods["flash_attn.cute"], name, mods[f"flash_attn.cute.{name}"], raising=False)
+    fixed = fa4_attention._backward_rounding_fixed.__wrapped__     # the undecorated function: no cached answer
+    assert fixed() and Bwd(None, 40).tile_hdim == 64
+    assert made == [fa4_attention.BACKWARD_CACHE] and _flash_attn_bwd.compile_cache == {}
+    _flash_attn_bwd.compile_cache["k"] = "kernel built at tile 64"
+    assert fixed() and made == [fa4_attention.BACKWARD_CACHE]       # patched already: the cache is kept
+    assert _flash_attn_bwd.compile_cache == {"k": "kernel built at tile 64"}
 
 
 def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch):
