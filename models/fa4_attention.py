@@ -23,8 +23,8 @@ shape, not by the class's rounding, so the patch also gives the backward a cache
 (`fresh_backward_cache`): no kernel built before it, in this process or on disk, is used after it. Measured on an
 H100 (RESULTS.md, session 19): right against fp32 at head dims 40 and 80 (the CUDA test); batch 8's graphed step
 44.79 ms against 47.30 with cuDNN in one process, 45.02 against 47.35 padded in another, and the padded route's
-0.48 GiB of copies gone. Where the package's
-source has neither the buggy line nor the fixed one, the head dims are padded as above.
+0.48 GiB of copies gone. Where the package's source has neither the buggy line nor the fixed one, the head dims
+are padded as above.
 """
 from __future__ import annotations
 
