@@ -100,10 +100,11 @@ def _backward_rounding_fixed() -> bool:
     except ImportError:
         return False
     cls = flash_bwd_sm90.FlashAttentionBackwardSm90
-    patching = not getattr(cls, "_rounds_to_32", False)
+    if getattr(cls, "_rounds_to_32", False):                      # patched here before, its cache swapped then
+        return True
     if not fix_backward_rounding(cls):
         return False
-    if patching and getattr(cls, "_rounds_to_32", False):         # ours, not a release with the fix
+    if getattr(cls, "_rounds_to_32", False):                      # patched now (not a release with the fix)
         fresh_backward_cache(interface, cache_utils.get_jit_cache)
     return True
 

@@ -114,7 +114,8 @@ def test_fa4_backward_rounding_fix_rounds_like_the_dq_accumulator():
         __init__ = _Sm90BackwardLike.__init__
     assert Patched(None, 40).tile_hdim == 48                       # the bug: 48, where dq's accumulator has 64
     assert fa4_attention.fix_backward_rounding(Patched) and fa4_attention.fix_backward_rounding(Patched)
-    for d, tile, oob in ((40, 64, True), (48, 64, True), (64, 64, False), (80, 96, True), (96, 96, False), (128, 128, False)):
+    for d, tile, oob in ((40, 64, True), (48, 64, True), (64, 64, False), (80, 96, True), (96, 96, False),
+                         (128, 128, False)):
         k = Patched(None, d)
         assert (k.tile_hdim, k.tile_hdimv, k.check_hdim_oob, k.check_hdim_v_oob) == (tile, tile, oob, oob), d
         assert k.shuffle_LSE == (tile <= 64)

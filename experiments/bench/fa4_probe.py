@@ -3,9 +3,9 @@ self-attention shapes, batch 8 bf16: forward, forward + backward, and each one's
 
     python -m experiments.bench.fa4_probe [BATCH]
 
-"FA4" calls flash_attn_func as is; "ours" is models/fa4_attention.py's route (head dims zero-padded to a multiple of
-32: the package's Hopper backward returns a wrong dq otherwise, session 18), then again with its rounding fix. Errors: max |x - ref| / max |ref| of the
-output and of the worst of dq, dk, dv.
+"FA4" calls flash_attn_func as is; "ours" is models/fa4_attention.py's route, first padded (head dims zero-padded to
+a multiple of 32: the package's Hopper backward returns a wrong dq otherwise, session 18), then with its rounding
+fix. Errors: max |x - ref| / max |ref| of the output and of the worst of dq, dk, dv.
 
 cuDNN's kernel at the 64x64 level's head dim 40 takes the time of head dim 64 (RESULTS.md, session 12: bound by the
 softmax's per-score work, not by the matmuls). FlashAttention-3's design (Shah et al. 2024: producer/consumer
@@ -80,6 +80,7 @@ def _row(b, name, n, h, d, flash_attn_func, fa4_attention, fix: bool):
         cells.append(f"{time_ms(fn):.3f} / {time_ms(lambda: fn().backward(g)):.3f}")
     print(f"| {name} ({b}, {n}, {h} x {d}){' fixed' if fix else ''} | {' | '.join(cells)} | {' | '.join(errs)} |",
           flush=True)
+
 
 if __name__ == "__main__":
     main()

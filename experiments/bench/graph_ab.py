@@ -73,8 +73,8 @@ def main():
                 times[key].append(replay_ms(g))
     med = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
     d, c = med["default"], med["changed"]
-    print(f"{name}, {switch.partition('=')[0]}: default {d:.2f} ms/step, ={changed!r} {c:.2f} ms/step (medians of {rounds} rounds of "
-          f"20 replays; default {', '.join(f'{t:.2f}' for t in times['default'])}; changed "
+    print(f"{name}, {switch.partition('=')[0]}: default {d:.2f} ms/step, ={changed!r} {c:.2f} ms/step (medians of "
+          f"{rounds} rounds of 20 replays; default {', '.join(f'{t:.2f}' for t in times['default'])}; changed "
           f"{', '.join(f'{t:.2f}' for t in times['changed'])}): the default is {100 * (c - d) / c:+.1f}% faster")
     print(f"  peak allocated above the trainer's while recording: default {extra['default']:.2f} GiB, changed "
           f"{extra['changed']:.2f} GiB")
