@@ -8,23 +8,29 @@ It takes (B, N, heads, d) tensors, the layout the projections write, so no trans
 (B, N, h*d) out. Head dims must be multiples of 8 up to 256 on Hopper (its `_validate_head_dims`); elsewhere,
 and while torch.compile traces, the caller falls back to torch's SDPA.
 
-Where the fix below is off or does not apply, head dims that are not multiples of 32 are zero-padded to the next
-one (SD1.5's 40 and 80 to 64 and 96), the softmax scale kept at 1/sqrt(d): zero columns change neither q.k nor the
-weights, and the output's extra columns (P times zero) are dropped. Measured on an H100
-(experiments/bench/RESULTS.md, session 18): flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq at head dims
-40, 48 and 80 (relative error 1.1-1.3; out, dk, dv right) and a right one at 64, 96, 128 and 160. Its kernel rounds
-the head dim up to 16 while the dq accumulator it hands on is laid out for a multiple of 32
-(Dao-AILab/flash-attention pull request 2896, open).
+`BACKWARD_FIX` picks how the wrong dq of flash-attn-4 4.0.0b36's Hopper backward is avoided. Measured on an H100
+(experiments/bench/RESULTS.md, session 18): it returns a wrong dq at head dims 40, 48 and 80 (relative error 1.1-1.3;
+out, dk, dv right) and a right one at 64, 96, 128 and 160. Its kernel rounds the head dim up to 16 (40 -> 48) and
+writes the fp32 dq accumulator in blocks of tile_m x 48, while the interface lays the accumulator out, and its
+post-processing kernel reads it, in blocks of tile_m x a multiple of 32 (64): every block after the first is read
+from the wrong place (Dao-AILab/flash-attention pull request 2896, open).
 
-`FIX_BACKWARD_ROUNDING` (on) instead applies that pull request's fix to the installed package (its Hopper backward
-kernel rounds to 32 like its dq accumulator; `fix_backward_rounding`) and passes head dims unpadded: the forward
-then runs 48-wide at head dim 40, the backward 64-wide, with no copies. The backward's compiled kernels are cached by
-shape, not by the class's rounding, so the patch also gives the backward a cache namespace of its own
-(`fresh_backward_cache`): no kernel built before it, in this process or on disk, is used after it. Measured on an
-H100 (RESULTS.md, session 19): right against fp32 at head dims 40 and 80 (the CUDA test); batch 8's graphed step
-44.79 ms against 47.30 with cuDNN in one process, 45.02 against 47.35 padded in another, and the padded route's
-0.48 GiB of copies gone. Where the package's source has neither the buggy line nor the fixed one, the head dims
-are padded as above.
+- "accumulator" (the default): the post-processing kernel is told the kernel's multiple, 16, so it reads the
+  blocks where they were written (`read_accumulator_by_16`; the interface still allocates and zeroes the larger
+  64-wide layout, a superset). Head dims go in unpadded and both passes run 48-wide at head dim 40. The kernels the
+  package compiles are its own; only the post-processing's compile key (which holds the multiple) changes.
+- "tile32": pull request 2896's fix: the backward kernel rounds to 32 like the accumulator (`fix_backward_rounding`),
+  so at head dim 40 the forward runs 48-wide and the backward 64-wide. Its compiled kernels are cached by shape, not
+  by the class's rounding, so the patch also gives the backward a cache namespace of its own
+  (`fresh_backward_cache`): no kernel built before it, in this process or on disk, is used after it.
+- "pad": head dims that are not multiples of 32 are zero-padded to the next one (40 and 80 to 64 and 96), the softmax
+  scale kept at 1/sqrt(d): zero columns change neither q.k nor the weights, and the output's extra columns (P times
+  zero) are dropped. Costs copies (0.48 GiB more at batch 8) and 64-wide kernels.
+
+Each fix applies only where the package's source has the lines it was written against; elsewhere "accumulator"
+falls back to "tile32", and that to "pad". Measured on an H100 (RESULTS.md, session 19): "tile32" right against
+fp32 at head dims 40 and 80 (the CUDA test); batch 8's graphed step 44.79 ms against 47.30 with cuDNN in one
+process, 45.02 against 47.35 padded in another.
 """
 from __future__ import annotations
 
@@ -35,13 +41,14 @@ import torch
 import torch.nn.functional as F
 
 HEAD_DIM_MULTIPLE = 32  # pad head dims to a multiple of this (see above)
-FIX_BACKWARD_ROUNDING = True  # patch the package's backward rounding instead of padding (see above)
+BACKWARD_FIX = "accumulator"  # "accumulator", "tile32" or "pad" (see above)
 # Attentions over fewer keys stay on torch's SDPA. The eager probe has FA4 slower than cuDNN at 1,024 and 256 keys
 # (its host-side launch included), but in the graphed b8 step FA4 everywhere beat FA4 at 4,096 keys only (MIN_KEYS
 # 2048): 45.11 against 45.72 ms (H100, session 19). So 0.
 MIN_KEYS = 0
 BACKWARD_CACHE = "bwd_tile32"  # the patched backward's compile-cache namespace (the package's own is "bwd")
 _BUGGY, _FIXED = "64 if dKV_swapAB else 16", "64 if dKV_swapAB else 32"  # its rounding line, before and after
+_ACCUMULATOR_32 = "hdim_multiple_of = 64 if arch // 10 == 9 and dKV_swapAB else 32"  # the interface's layout line
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,16 +98,45 @@ def fresh_backward_cache(interface, get_jit_cache) -> None:
     interface._flash_attn_bwd.compile_cache = get_jit_cache(BACKWARD_CACHE)
 
 
+def read_accumulator_by_16(interface, cls) -> bool:
+    """Make the package's post-processing (`interface._bwd_postprocess_convert`) read the Hopper backward's fp32
+    accumulators in the blocks that kernel writes: head dim rounded to 16 (its class `cls`), not to 32. Only where
+    the interface's source has the 32 layout line and the class the 16 rounding line; returns whether it applies.
+    The wrapper passes the package's own multiple on whenever the class rounds to 32 after all (`tile32` patched it
+    in this process), on other architectures, and for swapped tiles (64, already the kernel's)."""
+    convert = interface._bwd_postprocess_convert
+    if getattr(convert, "_reads_by_16", False):
+        return True
+    if _ACCUMULATOR_32 not in inspect.getsource(interface._flash_attn_bwd) or _BUGGY not in inspect.getsource(
+            cls.__init__):
+        return False
+    arch_at = list(inspect.signature(convert).parameters).index("arch")
+
+    @functools.wraps(convert)
+    def _bwd_postprocess_convert(*args, **kwargs):
+        arch = args[arch_at] if len(args) > arch_at else kwargs["arch"]
+        if arch // 10 == 9 and kwargs.get("hdim_multiple_of", 32) == 32 and not getattr(cls, "_rounds_to_32", False):
+            kwargs["hdim_multiple_of"] = 16                       # the kernel's tile_hdim = ceil16(d)
+        return convert(*args, **kwargs)
+    _bwd_postprocess_convert._reads_by_16 = True
+    interface._bwd_postprocess_convert = _bwd_postprocess_convert   # functools.wraps kept its compile_cache
+    return True
+
+
 @functools.lru_cache(maxsize=None)
-def _backward_rounding_fixed() -> bool:
-    """Patch the installed package once (the class and its backward's cache); whether it rounds to 32 now (False:
-    a version laid out otherwise, whose head dims are then padded)."""
+def _unpadded_backward_right(fix: str) -> bool:
+    """Apply `fix` (BACKWARD_FIX's value) to the installed package once; whether its backward is now right at any
+    head dim that is a multiple of 8 (False: "pad", or a version laid out otherwise, whose head dims are padded)."""
+    if fix == "pad":
+        return False
     try:
         from flash_attn.cute import cache_utils, flash_bwd_sm90, interface
     except ImportError:
         return False
     cls = flash_bwd_sm90.FlashAttentionBackwardSm90
-    if getattr(cls, "_rounds_to_32", False):                      # patched here before, its cache swapped then
+    if getattr(cls, "_rounds_to_32", False):                      # "tile32" patched it here before
+        return True
+    if fix == "accumulator" and read_accumulator_by_16(interface, cls):
         return True
     if not fix_backward_rounding(cls):
         return False
@@ -125,7 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = q.view(b, n, heads, d), k.view(b, k.shape[1], heads, d), v.view(b, v.shape[1], heads, d)
-    multiple = 8 if FIX_BACKWARD_ROUNDING and _backward_rounding_fixed() else HEAD_DIM_MULTIPLE
+    multiple = 8 if _unpadded_backward_right(BACKWARD_FIX) else HEAD_DIM_MULTIPLE
     padded = -(-d // multiple) * multiple
     if padded != d:                                               # (B, N, h, d) -> (B, N, h, padded), zeros
         q, k, v = (F.pad(t, (0, padded - d)) for t in (q, k, v))

@@ -73,7 +73,7 @@ def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
                                                                scale=softmax_scale).transpose(1, 2)
         return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
     monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
-    monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", False)  # the padded route
+    monkeypatch.setattr(fa4_attention, "BACKWARD_FIX", "pad")
     torch.manual_seed(0)
     qkv = torch.randn(2, 16, 3 * 320, requires_grad=True)
     q, k, v = qkv[..., :320], qkv[..., 320:640], qkv[..., 640:]   # strided views, token stride 960
@@ -129,9 +129,9 @@ def test_fa4_backward_rounding_fix_rounds_like_the_dq_accumulator():
 
 
 def test_fa4_patch_gives_the_backward_a_cache_without_kernels_built_before_it(monkeypatch):
-    """_backward_rounding_fixed on a stand-in package: the class rounds to 32 afterwards, and the backward's compile
-    cache is a new one under its own name, so a kernel compiled (with the bug) before the patch is not reused: session
-    19's probe, which ran FA4 unpatched first, got the wrong dq after patching until this."""
+    """_unpadded_backward_right("tile32") on a stand-in package: the class rounds to 32 afterwards, and the backward's
+    compile cache is a new one under its own name, so a kernel compiled (with the bug) before the patch is not reused:
+    session 19's probe, which ran FA4 unpatched first, got the wrong dq after patching until this."""
     import types
 
     from models import fa4_attention
@@ -155,12 +155,76 @@ def test_fa4_patch_gives_the_backward_a_cache_without_kernels_built_before_it(mo
         monkeypatch.setitem(sys.modules, name, mod)
     for name in ("flash_bwd_sm90", "interface", "cache_utils"):
         monkeypatch.setattr(mods["flash_attn.cute"], name, mods[f"flash_attn.cute.{name}"], raising=False)
-    fixed = fa4_attention._backward_rounding_fixed.__wrapped__     # the undecorated function: no cached answer
-    assert fixed() and Bwd(None, 40).tile_hdim == 64
+    fixed = fa4_attention._unpadded_backward_right.__wrapped__     # the undecorated function: no cached answer
+    assert fixed("tile32") and Bwd(None, 40).tile_hdim == 64
     assert made == [fa4_attention.BACKWARD_CACHE] and _flash_attn_bwd.compile_cache == {}
     _flash_attn_bwd.compile_cache["k"] = "kernel built at tile 64"
-    assert fixed() and made == [fa4_attention.BACKWARD_CACHE]       # patched already: the cache is kept
+    assert fixed("tile32") and made == [fa4_attention.BACKWARD_CACHE]   # patched already: the cache is kept
+    assert fixed("accumulator") and made == [fa4_attention.BACKWARD_CACHE]  # the class rounds to 32 already
     assert _flash_attn_bwd.compile_cache == {"k": "kernel built at tile 64"}
+
+
+def _accumulator_package(iface, cls, tile_m=4):
+    """A stand-in for flash-attn-4 4.0.0b36's Hopper backward and its dq post-processing, reduced to the fp32
+    accumulator's layout: the kernel (`cls`'s rounding) writes dq's row blocks of tile_m x tile_hdim one after
+    another; the post-processing reads blocks of tile_m x d rounded to its multiple, which the interface passes as
+    its source does. Returns the backward: (N, d) dq in, dq as read back out."""
+    def _bwd_postprocess_convert(accum, output, scale, cu_seqlens, seqused, arch, dtype, hdim, block_size,
+                                 hdim_multiple_of=32):
+        tile = -(-hdim // hdim_multiple_of) * hdim_multiple_of
+        blocks = accum[:output.shape[0] // block_size * block_size * tile].view(-1, block_size, tile)
+        output.copy_(blocks[..., :hdim].reshape(output.shape) * scale)
+
+    def _flash_attn_bwd(dq_true, arch=90, dKV_swapAB=False):
+        n, d = dq_true.shape
+        hdim_multiple_of = 64 if arch // 10 == 9 and dKV_swapAB else 32
+        head_dim_rounded = -(-d // hdim_multiple_of) * hdim_multiple_of
+        accum = torch.zeros(n * head_dim_rounded)                   # laid out by the interface's multiple
+        tile_hdim = cls(None, d, dKV_swapAB=dKV_swapAB).tile_hdim if arch // 10 == 9 else head_dim_rounded
+        blocks = torch.nn.functional.pad(dq_true, (0, tile_hdim - d)).view(-1, tile_m, tile_hdim)
+        accum[:blocks.numel()] = blocks.flatten()                   # written by the kernel's tile
+        dq = torch.empty_like(dq_true)
+        iface._bwd_postprocess_convert(accum, dq, 1.0, None, None, arch, torch.float32, d, tile_m,
+                                       hdim_multiple_of=hdim_multiple_of)
+        return dq
+    _bwd_postprocess_convert.compile_cache = {"post": "kernels"}
+    iface._bwd_postprocess_convert, iface._flash_attn_bwd = _bwd_postprocess_convert, _flash_attn_bwd
+    return _flash_attn_bwd
+
+
+def test_fa4_accumulator_fix_reads_dq_where_the_kernel_wrote_it():
+    """read_accumulator_by_16 on a stand-in of the package's dq accumulator layout: unfixed, dq at head dim 40 comes
+    back scrambled (the kernel writes 48-wide blocks, the post-processing reads 64-wide ones: session 18's wrong dq);
+    fixed, it comes back exact at 40, 48 and 80, and stays exact where the package's multiple was already the
+    kernel's (swapped tiles, other architectures) and after "tile32" rounds the kernel to 32 too. Patching twice
+    wraps once and keeps the post-processing's compile cache; an interface with other source is left alone."""
+    import types
+
+    from models import fa4_attention
+
+    class Bwd(_Sm90BackwardLike):
+        __init__ = _Sm90BackwardLike.__init__
+    iface = types.SimpleNamespace()
+    bwd = _accumulator_package(iface, Bwd)
+    dq = torch.randn(12, 40)
+    assert not torch.equal(bwd(dq), dq)                            # the bug
+    assert fa4_attention.read_accumulator_by_16(iface, Bwd)
+    wrapped = iface._bwd_postprocess_convert
+    assert fa4_attention.read_accumulator_by_16(iface, Bwd) and iface._bwd_postprocess_convert is wrapped
+    assert wrapped.compile_cache == {"post": "kernels"}
+    for d in (40, 48, 64, 80, 128):
+        dq = torch.randn(12, d)
+        assert torch.equal(bwd(dq), dq), d
+        assert torch.equal(bwd(dq, dKV_swapAB=True), dq) and torch.equal(bwd(dq, arch=100), dq), d
+    fa4_attention.fix_backward_rounding(Bwd)                       # "tile32" in the same process
+    assert Bwd(None, 40).tile_hdim == 64 and torch.equal(bwd(dq := torch.randn(12, 40)), dq)
+
+    class Other(_Sm90BackwardLike):
+        __init__ = _Sm90BackwardLike.__init__
+    other = types.SimpleNamespace()
+    _accumulator_package(other, Other)
+    other._flash_attn_bwd = lambda dq_true: dq_true                # source without the layout line
+    assert not fa4_attention.read_accumulator_by_16(other, Other)
 
 
 def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch):
@@ -172,8 +236,7 @@ def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale).transpose(1, 2)
     monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
-    monkeypatch.setattr(fa4_attention, "_backward_rounding_fixed", lambda: True)
-    monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", True)
+    monkeypatch.setattr(fa4_attention, "_unpadded_backward_right", lambda fix: True)
     q, k, v = torch.randn(3, 2, 16, 320).unbind(0)
     assert torch.allclose(fa4_attention.attention(q, k, v, heads=8), attention(q, k, v, heads=8), atol=1e-6)
     assert seen == [(40, 40 ** -0.5)]
@@ -182,18 +245,21 @@ def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch
 @cuda
 def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
     """flash-attn-4's kernels (when installed, on Hopper or newer) at SD1.5's self-attention head dims, forward and
-    input gradients against fp32 SDPA on the same bf16 inputs: the padded route, then the rounding fix's."""
+    input gradients against fp32 SDPA on the same bf16 inputs, on each BACKWARD_FIX route; 1,000 queries (not a
+    multiple of any tile) over 77 keys too, a cross-attention's shape."""
     from models import fa4_attention
     if not fa4_attention.available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("flash-attn-4 not installed or GPU older than Hopper")
     sdpa_backend.set_policy("fa4")
     torch.manual_seed(0)
-    for n, d, fix in [(1024, 40, False), (256, 80, False), (64, 160, False), (1024, 40, True), (256, 80, True)]:
-        monkeypatch.setattr(fa4_attention, "FIX_BACKWARD_ROUNDING", fix)
-        q, k, v = (torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
+    cases = [(n, m, d, fix) for fix in ("pad", "accumulator", "tile32")       # "tile32" last: it patches for good
+             for n, m, d in ((1024, 1024, 40), (256, 256, 80), (64, 64, 160), (1000, 77, 40))]
+    for n, m, d, fix in cases:
+        monkeypatch.setattr(fa4_attention, "BACKWARD_FIX", fix)
+        q, k, v = (torch.randn(2, t, 8 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for t in (n, m, m))
         assert sdpa_backend.fa4(q, k, 8)
-        monkeypatch.setattr(fa4_attention, "MIN_KEYS", n + 1)
+        monkeypatch.setattr(fa4_attention, "MIN_KEYS", m + 1)
         assert not sdpa_backend.fa4(q, k, 8)                       # fewer keys than MIN_KEYS: torch's SDPA
         monkeypatch.setattr(fa4_attention, "MIN_KEYS", 0)
         g = torch.randn(2, n, 8 * d, device="cuda", dtype=torch.bfloat16)
@@ -205,4 +271,4 @@ def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
         ref_grads = torch.autograd.grad(ref, f32, g.float())
         sdpa_backend.set_policy("fa4")
         for a, b in ((out, ref), *zip(grads, ref_grads)):
-            assert ((a.float() - b).norm() / b.norm()) < 1e-2, (n, d, fix)
+            assert ((a.float() - b).norm() / b.norm()) < 1e-2, (n, m, d, fix)

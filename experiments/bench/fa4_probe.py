@@ -3,9 +3,10 @@ self-attention shapes, batch 8 bf16: forward, forward + backward, and each one's
 
     python -m experiments.bench.fa4_probe [BATCH]
 
-"FA4" calls flash_attn_func as is; "ours" is models/fa4_attention.py's route, first padded (head dims zero-padded to
-a multiple of 32: the package's Hopper backward returns a wrong dq otherwise, session 18), then with its rounding
-fix. Errors: max |x - ref| / max |ref| of the output and of the worst of dq, dk, dv.
+"FA4" calls flash_attn_func as is; "ours" is models/fa4_attention.py's route under each BACKWARD_FIX: "pad" (head
+dims zero-padded to a multiple of 32: the package's Hopper backward returns a wrong dq otherwise, session 18),
+"accumulator" (dq's post-processing reads the kernel's 16-multiple layout), "tile32" (the kernel rounds to 32).
+Errors: max |x - ref| / max |ref| of the output and of the worst of dq, dk, dv.
 
 cuDNN's kernel at the 64x64 level's head dim 40 takes the time of head dim 64 (RESULTS.md, session 12: bound by the
 softmax's per-score work, not by the matmuls). FlashAttention-3's design (Shah et al. 2024: producer/consumer
@@ -40,18 +41,17 @@ def main():
     print("| shape (B, N, heads x d) | cuDNN fwd / fwd+bwd ms | FA4 | ours | error out, worst grad: cuDNN | FA4 | "
           "ours |")
     print("|---|---|---|---|---|---|---|")
-    fa4_attention.FIX_BACKWARD_ROUNDING = False                 # the padded route first
-    for shape in SHAPES:
-        _row(b, *shape, flash_attn_func, fa4_attention, fix=False)
-    # FIX_BACKWARD_ROUNDING patches the package's class for the rest of the process (with a fresh backward cache, so
-    # the kernels above are rebuilt): its rows come last, and the "FA4" column is then the fixed kernel too
-    print("| with models.fa4_attention.FIX_BACKWARD_ROUNDING (ours unpadded; FA4 as patched) | | | | | | |")
-    fa4_attention.FIX_BACKWARD_ROUNDING = True
-    for shape in SHAPES:
-        _row(b, *shape, flash_attn_func, fa4_attention, fix=True)
+    # "accumulator" fixes the package's dq post-processing for the rest of the process (the "FA4" column is then
+    # right too); "tile32" patches its backward class for good (with a fresh backward cache, so the kernels above
+    # are rebuilt), so it comes last
+    for fix in ("pad", "accumulator", "tile32"):
+        print(f"| models.fa4_attention.BACKWARD_FIX = {fix!r} | | | | | | |")
+        fa4_attention.BACKWARD_FIX = fix
+        for shape in SHAPES:
+            _row(b, *shape, flash_attn_func, fa4_attention)
 
 
-def _row(b, name, n, h, d, flash_attn_func, fa4_attention, fix: bool):
+def _row(b, name, n, h, d, flash_attn_func, fa4_attention):
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
     g = torch.randn_like(q)
@@ -78,8 +78,7 @@ def _row(b, name, n, h, d, flash_attn_func, fa4_attention, fix: bool):
         grads = torch.autograd.grad(out, (q, k, v), g)
         errs.append(f"{_err(out, ref):.1e}, {max(_err(a, r) for a, r in zip(grads, ref_grads)):.1e}")
         cells.append(f"{time_ms(fn):.3f} / {time_ms(lambda: fn().backward(g)):.3f}")
-    print(f"| {name} ({b}, {n}, {h} x {d}){' fixed' if fix else ''} | {' | '.join(cells)} | {' | '.join(errs)} |",
-          flush=True)
+    print(f"| {name} ({b}, {n}, {h} x {d}) | {' | '.join(cells)} | {' | '.join(errs)} |", flush=True)
 
 
 if __name__ == "__main__":

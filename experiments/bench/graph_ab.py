@@ -8,8 +8,8 @@ worth 0.5%.
     python -m experiments.bench.graph_ab [CONFIG] [MODULE.ATTR[=VALUE]] [ROUNDS] [--base MODULE.ATTR=VALUE ...]
     (b8_bf16 lora.lora_mm.enabled 5)
 
---base settings apply to both graphs, e.g. the padded FA4 route against its rounding fix:
-    graph_ab b8_bf16 models.fa4_attention.FIX_BACKWARD_ROUNDING=True 5 --base "models.sdpa_backend._policy='fa4'"
+--base settings apply to both graphs, e.g. FA4's default backward fix against pull request 2896's:
+    graph_ab b8_bf16 "models.fa4_attention.BACKWARD_FIX='tile32'" 5 --base "models.sdpa_backend._policy='fa4'"
 """
 import ast
 import importlib
