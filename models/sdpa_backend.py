@@ -4,7 +4,7 @@
 ("cudnn", "flash", "efficient", "math") puts it first in a priority list that keeps the others behind it,
 so a shape it cannot run falls back instead of failing: for comparing kernels, or "math" for a reference.
 "fa4" runs FlashAttention-4's kernels from the optional flash-attn-4 package (models/fa4_attention.py) where
-they take the shape, torch's order elsewhere.
+they take the shape, torch's order elsewhere; "auto" is "fa4" where that package imports and "torch" where not.
 
 Measured, not guessed: a table picking per head dim the fastest kernel of experiments/bench/attention.py
 (cuDNN at d=40, FlashAttention-2 at d=80, the memory-efficient kernel for cross-attention at d=160) made
@@ -29,8 +29,11 @@ _policy = "torch"
 
 def set_policy(policy: str) -> None:
     global _policy
-    if policy not in ("torch", "fa4", *NAMES):
-        raise ValueError(f"sdpa_backend: {policy!r} is not one of torch, fa4, {', '.join(NAMES)}")
+    if policy not in ("torch", "auto", "fa4", *NAMES):
+        raise ValueError(f"sdpa_backend: {policy!r} is not one of torch, auto, fa4, {', '.join(NAMES)}")
+    if policy == "auto":
+        from models import fa4_attention
+        policy = "fa4" if fa4_attention.available() else "torch"
     if policy == "fa4":
         from models import fa4_attention
         if not fa4_attention.available():

@@ -55,6 +55,11 @@ def test_fa4_policy_needs_the_package_and_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(fa4_attention, "available", lambda: False)
     with pytest.raises(ValueError, match="pip install flash-attn-4"):
         sdpa_backend.set_policy("fa4")
+    sdpa_backend.set_policy("auto")                                # auto: torch's order where it does not import
+    assert sdpa_backend._policy == "torch"
+    monkeypatch.setattr(fa4_attention, "available", lambda: True)
+    sdpa_backend.set_policy("auto")
+    assert sdpa_backend._policy == "fa4"
 
 
 def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
