@@ -28,9 +28,10 @@ from the wrong place (Dao-AILab/flash-attention pull request 2896, open).
   zero) are dropped. Costs copies (0.48 GiB more at batch 8) and 64-wide kernels.
 
 Each fix applies only where the package's source has the lines it was written against; elsewhere "accumulator"
-falls back to "tile32", and that to "pad". Measured on an H100 (RESULTS.md, session 19): "tile32" right against
-fp32 at head dims 40 and 80 (the CUDA test); batch 8's graphed step 44.79 ms against 47.30 with cuDNN in one
-process, 45.02 against 47.35 padded in another.
+falls back to "tile32", and that to "pad". Measured on an H100 (RESULTS.md, sessions 19-20): all three right against
+fp32 at head dims 40, 80 and 160 (the CUDA test, bf16); graphed steps with "accumulator" against cuDNN in one process:
+batch 8 bf16 43.84 against 47.02 ms, the report's batch 2 fp16 17.51 against 18.79, seed 000's batch 4 33.97 against
+35.83, the same peak memory; "accumulator" 43.97 against "tile32" 44.64 ms at batch 8 in one process.
 """
 from __future__ import annotations
 

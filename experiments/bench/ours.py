@@ -74,6 +74,7 @@ MODES = {  # name -> train.* overrides
                  "train.triton_lora_dropout=false", "train.fused_layer_norms=false", "train.nhwc_upsample=false"],
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
     "default_fa4": ["train.sdpa_backend=fa4"],      # FlashAttention-4's Hopper kernels (flash-attn-4 installed)
+    "default_torch_sdpa": ["train.sdpa_backend=torch"],  # torch's order even where flash-attn-4 is installed
 }
 
 
