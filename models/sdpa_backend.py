@@ -31,11 +31,10 @@ def set_policy(policy: str) -> None:
     global _policy
     if policy not in ("torch", "auto", "fa4", *NAMES):
         raise ValueError(f"sdpa_backend: {policy!r} is not one of torch, auto, fa4, {', '.join(NAMES)}")
+    from models import fa4_attention
     if policy == "auto":
-        from models import fa4_attention
         policy = "fa4" if fa4_attention.available() else "torch"
     if policy == "fa4":
-        from models import fa4_attention
         if not fa4_attention.available():
             raise ValueError("sdpa_backend=fa4 needs the flash-attn-4 package (`pip install flash-attn-4`, which "
                              "brings nvidia-cutlass-dsl) and a Hopper or newer GPU; it does not import here: use "
