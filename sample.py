@@ -24,7 +24,7 @@ from data.images import load_rgb, resize_crop, to_tensor
 from experiments.images import a1111_parameters, make_grid, save_png, to_pil
 from lora.io import load_lora
 from models.checkpoint import file_sha256, model_hash
-from models import nhwc_group_norm
+from models import nhwc_group_norm, sdpa_backend
 from models.load import as_dtype, load_model, pick_device, resolve
 from models.pipeline import generate
 from models.samplers import SAMPLERS
@@ -101,6 +101,7 @@ def run(cfg: DictConfig) -> list[dict]:
         loaded = load_lora(sd.parts, path, multiplier=float(lora.get("weight", 1.0)))
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
+    sdpa_backend.set_policy(cfg.get("sdpa_backend", "torch"))
     if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
         sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
     if cfg.get("subpixel_upsample", "auto") is True or (cfg.get("subpixel_upsample", "auto") == "auto"

@@ -47,6 +47,9 @@ BACKWARD_FIX = "accumulator"  # "accumulator", "tile32" or "pad" (see above)
 # (its host-side launch included), but in the graphed b8 step FA4 everywhere beat FA4 at 4,096 keys only (MIN_KEYS
 # 2048): 45.11 against 45.72 ms (H100, session 19). So 0.
 MIN_KEYS = 0
+# Head dims above this stay on torch's SDPA. At SD1.5's 160 (the 16x16 level) the backward's swapped tiles round to
+# 64 (192-wide); cuDNN there is not yet A/B'd against FA4 in the graph (graph_ab ... MAX_HEAD_DIM=128). So 256.
+MAX_HEAD_DIM = 256
 BACKWARD_CACHE = "bwd_tile32"  # the patched backward's compile-cache namespace (the package's own is "bwd")
 _BUGGY, _FIXED = "64 if dKV_swapAB else 16", "64 if dKV_swapAB else 32"  # its rounding line, before and after
 _ACCUMULATOR_32 = "hdim_multiple_of = 64 if arch // 10 == 9 and dKV_swapAB else 32"  # the interface's layout line
@@ -153,7 +156,7 @@ def available() -> bool:
 def usable(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
     d = q.shape[-1] // heads
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0
-            and 8 <= d <= 256 and k.shape[1] >= MIN_KEYS and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and 8 <= d <= min(256, MAX_HEAD_DIM) and k.shape[1] >= MIN_KEYS and torch.cuda.get_device_capability(q.device)[0] >= 9
             and not torch.compiler.is_compiling() and available())
 
 

@@ -268,6 +268,9 @@ def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
         monkeypatch.setattr(fa4_attention, "MIN_KEYS", m + 1)
         assert not sdpa_backend.fa4(q, k, 8)                       # fewer keys than MIN_KEYS: torch's SDPA
         monkeypatch.setattr(fa4_attention, "MIN_KEYS", 0)
+        monkeypatch.setattr(fa4_attention, "MAX_HEAD_DIM", d - 8)
+        assert not sdpa_backend.fa4(q, k, 8)                       # a larger head dim than MAX_HEAD_DIM: torch's
+        monkeypatch.setattr(fa4_attention, "MAX_HEAD_DIM", 256)
         g = torch.randn(2, n, 8 * d, device="cuda", dtype=dtype)
         out = attention(q, k, v, heads=8)
         grads = torch.autograd.grad(out, (q, k, v), g)
