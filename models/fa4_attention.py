@@ -156,8 +156,9 @@ def available() -> bool:
 def usable(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
     d = q.shape[-1] // heads
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0
-            and 8 <= d <= min(256, MAX_HEAD_DIM) and k.shape[1] >= MIN_KEYS and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and not torch.compiler.is_compiling() and available())
+            and 8 <= d <= min(256, MAX_HEAD_DIM) and k.shape[1] >= MIN_KEYS
+            and torch.cuda.get_device_capability(q.device)[0] >= 9 and not torch.compiler.is_compiling()
+            and available())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

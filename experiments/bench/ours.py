@@ -181,13 +181,13 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     from lora.inject import inject_lora
     from models.load import as_dtype, load_model
     from models.pipeline import generate
+    from models import sdpa_backend
     dev = w["device"]
     offload = dev if mode.startswith("offload") else None
     sd = load_model(w["model"], dtype=w["sample_dtype"], device="cpu" if offload else dev)
     c = CONFIGS[SAMPLING[name]]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
-    from models import sdpa_backend
     sdpa_backend.set_policy("fa4" if mode == "graph_fa4" else "torch")  # sample.py's sdpa_backend (default torch)
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
         sd.unet.set_triton_kernels(True)
@@ -199,7 +199,8 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     def one(seed):
         return generate(sd, CAPTIONS[0], "blurry, distorted face", steps=steps, guidance_scale=guidance,
                         sampler="ddim", seed=seed, num_images=1, height=size, width=size,
-                        cuda_graph=mode in ("graph", "graph_fa4", "graph_torch_kernels", "offload"), offload=offload,
+                        cuda_graph=mode in ("graph", "graph_fa4", "graph_torch_kernels", "offload"),
+                        offload=offload,
                         decode_slice=1 if offload else None)
     return one
 
