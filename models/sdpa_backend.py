@@ -45,6 +45,21 @@ def set_policy(policy: str) -> None:
     _policy = policy
 
 
+def describe() -> str:
+    """The policy in force (after "auto" is resolved), for a run's run_info.json: with fa4, the package's version
+    and the backward fix applied to it."""
+    if _policy != "fa4":
+        return _policy
+    from importlib import metadata
+
+    from models import fa4_attention
+    try:
+        version = metadata.version("flash-attn-4")
+    except metadata.PackageNotFoundError:
+        version = "version unknown"
+    return f"fa4 (flash-attn-4 {version}, BACKWARD_FIX={fa4_attention.BACKWARD_FIX})"
+
+
 def fa4(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:
     """Whether this attention runs FlashAttention-4's kernels (policy fa4 and a shape they take)."""
     if _policy != "fa4":

@@ -57,9 +57,12 @@ def test_fa4_policy_needs_the_package_and_says_how_to_get_it(monkeypatch):
         sdpa_backend.set_policy("fa4")
     sdpa_backend.set_policy("auto")                                # auto: torch's order where it does not import
     assert sdpa_backend._policy == "torch"
+    assert sdpa_backend.describe() == "torch"
     monkeypatch.setattr(fa4_attention, "available", lambda: True)
     sdpa_backend.set_policy("auto")
     assert sdpa_backend._policy == "fa4"
+    assert sdpa_backend.describe().startswith("fa4 (flash-attn-4 ")
+    assert sdpa_backend.describe().endswith(f"BACKWARD_FIX={fa4_attention.BACKWARD_FIX})")
 
 
 def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):

@@ -41,6 +41,7 @@ def test_short_run_writes_everything_and_only_lora_changes(tiny_diffusers_folder
               "checkpoints/step_000003.safetensors", "previews/step_000003.png", "previews/step_000006.png"]:
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((run / "run_info.json").read_text())["attention"] == "torch"   # sdpa_backend=auto on a CPU
     sd = lora_file(run)
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_up.weight") for k in sd)
     assert all(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))  # B learned

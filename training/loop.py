@@ -692,7 +692,8 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         (self.run_dir / "run_info.json").write_text(json.dumps({
             "commit": git_commit(), "lora": str(self.report), "data": str(self.scan_report),
-            "total_steps": self.total_steps, "device": str(self.device)}, indent=2))
+            "total_steps": self.total_steps, "device": str(self.device),
+            "attention": sdpa_backend.describe()}, indent=2))
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step if self.step else None)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
