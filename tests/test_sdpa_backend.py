@@ -203,7 +203,7 @@ def _accumulator_package(iface, cls, tile_m=4):
 def test_fa4_accumulator_fix_reads_dq_where_the_kernel_wrote_it():
     """read_accumulator_by_16 on a stand-in of the package's dq accumulator layout: unfixed, dq at head dim 40 comes
     back scrambled (the kernel writes 48-wide blocks, the post-processing reads 64-wide ones: session 18's wrong dq);
-    fixed, it comes back exact at 40, 48 and 80, and stays exact where the package's multiple was already the
+    fixed, it comes back exact at 40 to 128, and stays exact where the package's multiple was already the
     kernel's (swapped tiles, other architectures) and after "tile32" rounds the kernel to 32 too. Patching twice
     wraps once and keeps the post-processing's compile cache; an interface with other source is left alone."""
     import types
