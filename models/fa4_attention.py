@@ -28,10 +28,11 @@ from the wrong place (Dao-AILab/flash-attention pull request 2896, open).
   zero) are dropped. Costs copies (0.48 GiB more at batch 8) and 64-wide kernels.
 
 Each fix applies only where the package's source has the lines it was written against; elsewhere "accumulator"
-falls back to "tile32", and that to "pad". Measured on an H100 (RESULTS.md, sessions 19-20): all three right against
-fp32 at head dims 40, 80 and 160 (the CUDA test, bf16); graphed steps with "accumulator" against cuDNN in one process:
-batch 8 bf16 43.84 against 47.02 ms, the report's batch 2 fp16 17.51 against 18.79, seed 000's batch 4 33.97 against
-35.83, the same peak memory; "accumulator" 43.97 against "tile32" 44.64 ms at batch 8 in one process.
+falls back to "tile32", and that to "pad" (`backward_route` says which is in force). Measured on an H100 (RESULTS.md,
+sessions 19-20): all three right against fp32 at head dims 40, 80 and 160 (the CUDA test, bf16); graphed steps with
+"accumulator" against cuDNN in one process: batch 8 bf16 43.84 against 47.02 ms, the report's batch 2 fp16 17.51
+against 18.79, seed 000's batch 4 33.97 against 35.83, the same peak memory; "accumulator" 43.97 against "tile32"
+44.64 ms at batch 8 in one process.
 """
 from __future__ import annotations
 
@@ -128,25 +129,27 @@ def read_accumulator_by_16(interface, cls) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _unpadded_backward_right(fix: str) -> bool:
-    """Apply `fix` (BACKWARD_FIX's value) to the installed package once; whether its backward is now right at any
-    head dim that is a multiple of 8 (False: "pad", or a version laid out otherwise, whose head dims are padded)."""
+def backward_route(fix: str) -> str:
+    """Apply `fix` (BACKWARD_FIX's value) to the installed package once; the route in force: "accumulator",
+    "tile32", "released" (the package's source has the fixed line already), or "pad" (asked for, or no fix applies
+    to this version: its head dims are then padded). All but "pad" are right at any head dim that is a multiple of 8."""
     if fix == "pad":
-        return False
+        return "pad"
     try:
         from flash_attn.cute import cache_utils, flash_bwd_sm90, interface
     except ImportError:
-        return False
+        return "pad"
     cls = flash_bwd_sm90.FlashAttentionBackwardSm90
     if getattr(cls, "_rounds_to_32", False):                      # "tile32" patched it here before
-        return True
+        return "tile32"
     if fix == "accumulator" and read_accumulator_by_16(interface, cls):
-        return True
+        return "accumulator"
     if not fix_backward_rounding(cls):
-        return False
-    if getattr(cls, "_rounds_to_32", False):                      # patched now (not a release with the fix)
-        fresh_backward_cache(interface, cache_utils.get_jit_cache)
-    return True
+        return "pad"
+    if not getattr(cls, "_rounds_to_32", False):                  # a release with the fix: nothing patched
+        return "released"
+    fresh_backward_cache(interface, cache_utils.get_jit_cache)    # patched now
+    return "tile32"
 
 
 def available() -> bool:
@@ -166,7 +169,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = q.view(b, n, heads, d), k.view(b, k.shape[1], heads, d), v.view(b, v.shape[1], heads, d)
-    multiple = 8 if _unpadded_backward_right(BACKWARD_FIX) else HEAD_DIM_MULTIPLE
+    multiple = HEAD_DIM_MULTIPLE if backward_route(BACKWARD_FIX) == "pad" else 8
     padded = -(-d // multiple) * multiple
     if padded != d:                                               # (B, N, h, d) -> (B, N, h, padded), zeros
         q, k, v = (F.pad(t, (0, padded - d)) for t in (q, k, v))

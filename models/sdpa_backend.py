@@ -47,7 +47,7 @@ def set_policy(policy: str) -> None:
 
 def describe() -> str:
     """The policy in force (after "auto" is resolved), for a run's run_info.json: with fa4, the package's version
-    and the backward fix applied to it."""
+    and the backward route in force (BACKWARD_FIX's, or the one it fell back to)."""
     if _policy != "fa4":
         return _policy
     from importlib import metadata
@@ -57,7 +57,7 @@ def describe() -> str:
         version = metadata.version("flash-attn-4")
     except metadata.PackageNotFoundError:
         version = "version unknown"
-    return f"fa4 (flash-attn-4 {version}, BACKWARD_FIX={fa4_attention.BACKWARD_FIX})"
+    return f"fa4 (flash-attn-4 {version}, backward {fa4_attention.backward_route(fa4_attention.BACKWARD_FIX)})"
 
 
 def fa4(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:

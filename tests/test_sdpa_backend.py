@@ -61,8 +61,9 @@ def test_fa4_policy_needs_the_package_and_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(fa4_attention, "available", lambda: True)
     sdpa_backend.set_policy("auto")
     assert sdpa_backend._policy == "fa4"
+    monkeypatch.setattr(fa4_attention, "backward_route", lambda fix: f"{fix} fell back to tile32")
     assert sdpa_backend.describe().startswith("fa4 (flash-attn-4 ")
-    assert sdpa_backend.describe().endswith(f"BACKWARD_FIX={fa4_attention.BACKWARD_FIX})")
+    assert sdpa_backend.describe().endswith(f"backward {fa4_attention.BACKWARD_FIX} fell back to tile32)")
 
 
 def test_fa4_route_passes_heads_in_the_projections_layout(monkeypatch):
@@ -137,7 +138,7 @@ def test_fa4_backward_rounding_fix_rounds_like_the_dq_accumulator():
 
 
 def test_fa4_patch_gives_the_backward_a_cache_without_kernels_built_before_it(monkeypatch):
-    """_unpadded_backward_right("tile32") on a stand-in package: the class rounds to 32 afterwards, and the backward's
+    """backward_route("tile32") on a stand-in package: the class rounds to 32 afterwards, and the backward's
     compile cache is a new one under its own name, so a kernel compiled (with the bug) before the patch is not reused:
     session 19's probe, which ran FA4 unpatched first, got the wrong dq after patching until this."""
     import types
@@ -163,12 +164,13 @@ def test_fa4_patch_gives_the_backward_a_cache_without_kernels_built_before_it(mo
         monkeypatch.setitem(sys.modules, name, mod)
     for name in ("flash_bwd_sm90", "interface", "cache_utils"):
         monkeypatch.setattr(mods["flash_attn.cute"], name, mods[f"flash_attn.cute.{name}"], raising=False)
-    fixed = fa4_attention._unpadded_backward_right.__wrapped__     # the undecorated function: no cached answer
-    assert fixed("tile32") and Bwd(None, 40).tile_hdim == 64
+    route = fa4_attention.backward_route.__wrapped__               # the undecorated function: no cached answer
+    assert route("tile32") == "tile32" and Bwd(None, 40).tile_hdim == 64
     assert made == [fa4_attention.BACKWARD_CACHE] and _flash_attn_bwd.compile_cache == {}
     _flash_attn_bwd.compile_cache["k"] = "kernel built at tile 64"
-    assert fixed("tile32") and made == [fa4_attention.BACKWARD_CACHE]   # patched already: the cache is kept
-    assert fixed("accumulator") and made == [fa4_attention.BACKWARD_CACHE]  # the class rounds to 32 already
+    assert route("tile32") == "tile32" and made == [fa4_attention.BACKWARD_CACHE]  # patched already: cache kept
+    assert route("accumulator") == "tile32" and made == [fa4_attention.BACKWARD_CACHE]  # the class rounds to 32
+    assert route("pad") == "pad"
     assert _flash_attn_bwd.compile_cache == {"k": "kernel built at tile 64"}
 
 
@@ -244,7 +246,7 @@ def test_fa4_route_with_the_rounding_fixed_passes_head_dims_unpadded(monkeypatch
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale).transpose(1, 2)
     monkeypatch.setattr(fa4_attention, "_flash_attn_func", lambda: fake)
-    monkeypatch.setattr(fa4_attention, "_unpadded_backward_right", lambda fix: True)
+    monkeypatch.setattr(fa4_attention, "backward_route", lambda fix: "accumulator")
     q, k, v = torch.randn(3, 2, 16, 320).unbind(0)
     assert torch.allclose(fa4_attention.attention(q, k, v, heads=8), attention(q, k, v, heads=8), atol=1e-6)
     assert seen == [(40, 40 ** -0.5)]
