@@ -11,11 +11,13 @@ import contextlib
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_silu
 from models.subpixel_upsample import set_subpixel_upsampling
+
+
+SEARCH_CONVS = False  # True: heuristic_convs leaves cuDNN's timed search on where the trainer turned it on (A/B)
 
 
 @contextlib.contextmanager
@@ -26,7 +28,7 @@ def heuristic_convs():
     kept reserved (SDXL's full step with and without the search: 0.1806 / 0.1809 s, 71.8 / 10.5 GiB peak;
     experiments/bench/RESULTS.md, session 12)."""
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = before and SEARCH_CONVS
     try:
         yield
     finally:
@@ -157,7 +159,7 @@ class Encoder(nn.Module):
         for blk in self.down_blocks:
             x = [blk(x)]
         x = self.mid_block(x.pop())
-        return self.conv_out(F.silu(self.conv_norm_out(x)))     # (B, 2*latent, h, w)
+        return self.conv_out(norm_silu(self.conv_norm_out, x))  # (B, 2*latent, h, w)
 
 
 class Decoder(nn.Module):
@@ -176,7 +178,7 @@ class Decoder(nn.Module):
         x = [self.mid_block(self.conv_in(z))]
         for blk in self.up_blocks:           # each takes its input out of the list, as in Encoder.forward
             x = [blk(x)]
-        return self.conv_out(F.silu(self.conv_norm_out(x.pop())))     # (B, 3, H, W)
+        return self.conv_out(norm_silu(self.conv_norm_out, x.pop()))  # (B, 3, H, W)
 
 
 @dataclass
@@ -219,6 +221,18 @@ class AutoencoderKL(nn.Module):
         """The decoder's upsamplers in the sub-pixel form (models/subpixel_upsample.py): 4/9 of their
         multiply-adds, the same function."""
         set_subpixel_upsampling(self, enabled)
+
+    def set_nhwc_norms(self, enabled: bool = True) -> None:
+        """GroupNorms of channels_last CUDA inputs on models/nhwc_group_norm.py's kernels, SiLU fused, instead of
+        torch's, which copy NCHW and back around each (as UNet.set_norms_in_weight_dtype's nhwc; the VAE runs in
+        its weights' dtype outside autocast, so nothing else changes). For a VAE moved to channels_last."""
+        from models.unet import _norm_in_weight_dtype
+        for m in self.modules():
+            if isinstance(m, nn.GroupNorm):
+                if enabled:
+                    m.forward, m.nhwc = _norm_in_weight_dtype.__get__(m), True
+                else:
+                    m.__dict__.pop("forward", None), m.__dict__.pop("nhwc", None)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""

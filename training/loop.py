@@ -132,6 +132,9 @@ class Trainer:
         if on("subpixel_upsample"):
             self.sd.unet.set_subpixel_upsampling(True)
             self.sd.vae.set_subpixel_upsampling(True)
+        if ours and on("nhwc_vae"):  # the frozen VAE's encodes (the full step's, the latent cache's) NHWC
+            self.sd.vae.to(memory_format=torch.channels_last)
+            self.sd.vae.set_nhwc_norms(True)
         if ours and self.channels_last and on("thin_convs"):
             self.sd.unet.set_thin_convs(True)
         if ours and on("short_attention"):
