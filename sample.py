@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> list[dict]:
         loaded = load_lora(sd.parts, path, multiplier=float(lora.get("weight", 1.0)))
         lora_info.append({"name": loaded.adapter, "path": str(path), "weight": float(lora.get("weight", 1.0)),
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
-    sdpa_backend.set_policy(cfg.get("sdpa_backend", "torch"))
+    sdpa_backend.set_policy(cfg.get("sdpa_backend", "auto"))
     if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
         sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
     if cfg.get("subpixel_upsample", "auto") is True or (cfg.get("subpixel_upsample", "auto") == "auto"

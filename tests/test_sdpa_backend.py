@@ -257,7 +257,7 @@ def test_fa4_kernels_match_fp32_where_installed(monkeypatch):
     """flash-attn-4's kernels (when installed, on Hopper or newer) at SD1.5's self-attention head dims, forward and
     input gradients against fp32 SDPA on the same bf16 inputs, on each BACKWARD_FIX route; 1,000 queries (not a
     multiple of any tile) over 77 keys too, a cross-attention's shape; fp16 (the report's dtype) on the default route
-    (added after session 20's GPU call: not yet run on a GPU)."""
+    (all passed on an H100, session 21)."""
     from models import fa4_attention
     if not fa4_attention.available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("flash-attn-4 not installed or GPU older than Hopper")

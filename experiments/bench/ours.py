@@ -163,7 +163,8 @@ def sample(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, repeats: 
            name: str = "sampling") -> dict:
     """50 DDIM steps with CFG (a negative prompt), the LoRA of SAMPLING[name] applied (not merged; the report's
     r32, or seed 004's r4 on SDXL), VAE decode: s/image.
-    mode: graph (sample.py's default: CUDA graph, Triton kernels), graph_fa4 (the same with sdpa_backend=fa4),
+    mode: graph (CUDA graph, Triton kernels, torch's attention: sample.py's default without flash-attn-4),
+    graph_fa4 (the same with sdpa_backend=fa4: sample.py's default, auto, where flash-attn-4 is installed),
     graph_torch_kernels, eager, offload (sample.py's
     offload=true: the model in host memory, each part on the GPU only for its stage, the UNet's graph recorded for
     each prompt), offload_eager (the same without the graph)."""
@@ -189,7 +190,7 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     c = CONFIGS[SAMPLING[name]]
     inject_lora(sd.unet, c["targets"], rank=c["rank"], alpha=c["alpha"], dtype=as_dtype(w["sample_dtype"]))
     sd.unet.eval()
-    sdpa_backend.set_policy("fa4" if mode == "graph_fa4" else "torch")  # sample.py's sdpa_backend (default torch)
+    sdpa_backend.set_policy("fa4" if mode == "graph_fa4" else "torch")  # sample.py's sdpa_backend (default auto)
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
         sd.unet.set_triton_kernels(True)
     if dev == "cuda":                                   # as sample.py's subpixel_upsample=auto
