@@ -575,6 +575,31 @@ def test_nhwc_norms_and_fused_geglu_on_cuda_track_fp32(tiny_diffusers_folder, mo
         assert _err(triton_half, r) <= 1.5 * _err(torch_half, r), (_err(triton_half, r), _err(torch_half, r))
 
 
+@cuda
+def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
+    """The fp16 VAE channels_last with the NHWC GroupNorm kernels (train.nhwc_vae) against the same VAE in fp32:
+    encode and decode no further from fp32 than the NCHW fp16 VAE with torch's GroupNorm, and the kernels ran."""
+    pytest.importorskip("triton")
+    from models import nhwc_group_norm as ng
+    from models.load import load_model
+    calls = []
+    orig = ng.group_norm_nhwc
+    monkeypatch.setattr(ng, "group_norm_nhwc", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    img, z = torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1, torch.randn(2, 4, 8, 8, device="cuda")
+
+    def run(vae, dtype):
+        with torch.no_grad():
+            return vae.encode(img.to(dtype)).mean.float(), vae.decode(z.to(dtype)).float()
+    ref = run(load_model(tiny_diffusers_folder, dtype="fp32", device="cuda").vae, torch.float32)
+    vae = load_model(tiny_diffusers_folder, dtype="fp16", device="cuda").vae
+    nchw = run(vae, torch.float16)
+    vae.to(memory_format=torch.channels_last).set_nhwc_norms(True)
+    nhwc = run(vae, torch.float16)
+    assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) - 2  # not the attentions'
+    for torch_half, triton_half, r in zip(nchw, nhwc, ref):
+        assert _err(triton_half, r) <= 1.5 * _err(torch_half, r) + 1e-4, (_err(triton_half, r), _err(torch_half, r))
+
+
 def test_fused_projections_give_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):
     """One matmul for q/k/v (k/v on the text) with the LoRA branches added after: the UNet output, with LoRA
     dropout drawing the same masks in training mode, and a short run equal the unfused ones."""

@@ -78,6 +78,9 @@ with torch.no_grad():
     assert ng.usable(gn, xc)
 gn.requires_grad_(False)
 assert ng.usable(gn, xc) and not ng.usable(gn, xc.contiguous())
+gn128 = torch.nn.GroupNorm(32, 128).requires_grad_(False)   # 2**31 elements or more: int32 offsets would overflow
+assert ng.usable(gn128, torch.empty(1, 128, 4096, 4095, device="meta").to(memory_format=torch.channels_last))
+assert not ng.usable(gn128, torch.empty(1, 128, 4096, 4096, device="meta").to(memory_format=torch.channels_last))
 
 # the UNet's GroupNorms go through the kernels with nhwc=True (the resnets' with SiLU fused), same numbers
 import sys

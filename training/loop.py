@@ -132,7 +132,8 @@ class Trainer:
         if on("subpixel_upsample"):
             self.sd.unet.set_subpixel_upsampling(True)
             self.sd.vae.set_subpixel_upsampling(True)
-        if ours and on("nhwc_vae"):  # the frozen VAE's encodes (the full step's, the latent cache's) NHWC
+        nv = tc.get("nhwc_vae", False)  # the frozen VAE's encodes (the full step's, the latent cache's) NHWC;
+        if ours and (nv is True or nv == "auto" and cuda and self.sd.vae.dtype != torch.float32):  # auto: timed in half
             self.sd.vae.to(memory_format=torch.channels_last)
             self.sd.vae.set_nhwc_norms(True)
         if ours and self.channels_last and on("thin_convs"):

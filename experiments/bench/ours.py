@@ -75,7 +75,7 @@ MODES = {  # name -> train.* overrides
     "default_flash": ["train.sdpa_backend=flash"],  # FlashAttention-2 first instead of torch's order
     "default_fa4": ["train.sdpa_backend=fa4"],      # FlashAttention-4's Hopper kernels (flash-attn-4 installed)
     "default_torch_sdpa": ["train.sdpa_backend=torch"],  # torch's order even where flash-attn-4 is installed
-    "default_nhwc_vae": ["train.nhwc_vae=true"],    # the VAE channels_last with the NHWC GroupNorm kernels
+    "default_nchw_vae": ["train.nhwc_vae=false"],   # the VAE NCHW with torch's GroupNorm (the full step's encode)
 }
 
 

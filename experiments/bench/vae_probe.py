@@ -40,8 +40,8 @@ def main():
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     torch.manual_seed(0)
     vae = AutoencoderKL().to("cuda", torch.float16).requires_grad_(False)
-    for p in vae.parameters():  # default init gives tiny activations; a spread like trained weights' instead
-        p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
+    for name, p in vae.named_parameters():  # a spread like trained weights' (norm scales 1, biases 0)
+        p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
     x = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16) * 2 - 1
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
     ref = {}
