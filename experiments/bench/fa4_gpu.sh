@@ -9,6 +9,10 @@
 #                                                # `default` (sdpa_backend=auto: FA4 here) against diffusers+peft eager
 #   experiments/bench/fa4_gpu.sh ROUNDS table2   # run_all: seed 000 with checkpointing, batch 8 bf16, sampling with
 #                                                # torch's attention and with FA4, then diffusers with torch.compile
+#   experiments/bench/fa4_gpu.sh ROUNDS vae      # the NHWC VAE (train.nhwc_vae): its CUDA test against fp32,
+#                                                # vae_probe, and the full step with and without it, twice each
+#                                                # (needs only .whl, no flash-attn-4: pip install --no-index
+#                                                # --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:$PWD)
 # (Session 20's version also timed cuDNN against FA4 and "accumulator" against "tile32" under graph_ab, and
 # fa4_probe: RESULTS.md.)
 set -o pipefail
@@ -39,5 +43,11 @@ ours:seed000:unet:default,diffusers:seed000:unet:eager ;;
     table ours:seed000_ckpt:unet:default,diffusers:seed000_ckpt:unet:eager,ours:b8_bf16:unet:default,\
 diffusers:b8_bf16:unet:eager,ours:sampling:-:graph,ours:sampling:-:graph_fa4,diffusers:sampling:-:-,\
 diffusers:report:unet:compile ;;
-  *) echo "unknown part $part: checks, table1 or table2" >&2; exit 2 ;;
+  vae)
+    (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k nhwc -p no:cacheprovider) 2>&1 \
+      | tee "$OUT/tests_vae.log" | tail -3
+    timeout 90 python3 -m experiments.bench.vae_probe 20 2>&1 | grep -v Warn | tee "$OUT/vae_probe.txt"
+    table ours:report:full:default,ours:report:full:default_nchw_vae,ours:report:full:default,\
+ours:report:full:default_nchw_vae,diffusers:report:full:eager ;;
+  *) echo "unknown part $part: checks, table1, table2 or vae" >&2; exit 2 ;;
 esac
