@@ -593,7 +593,7 @@ def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
     ref = run(load_model(tiny_diffusers_folder, dtype="fp32", device="cuda").vae, torch.float32)
     vae = load_model(tiny_diffusers_folder, dtype="fp16", device="cuda").vae
     nchw = run(vae, torch.float16)
-    vae.to(memory_format=torch.channels_last).set_nhwc_norms(True)
+    vae.set_triton_kernels(True)
     nhwc = run(vae, torch.float16)
     assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) - 2  # not the attentions'
     for torch_half, triton_half, r in zip(nchw, nhwc, ref):

@@ -95,8 +95,9 @@ n_res = sum(isinstance(m, ResnetBlock2D) for m in unet.modules())
 assert sum(calls.values()) == n_gn and calls.get("silu", 0) == 2 * n_res + 1, (calls, n_gn, n_res)
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 
-# the VAE's too (set_nhwc_norms, on a channels_last VAE): every GroupNorm but the mid-block attention's (it reads a
-# (B, C, HW) view: torch's), the resnets' two and conv_norm_out's with SiLU; encode and decode give the same numbers
+# the VAE's too (set_triton_kernels: channels_last, set_nhwc_norms): every GroupNorm but the mid-block attention's (it
+# reads a (B, C, HW) view: torch's), the resnets' two and conv_norm_out's with SiLU; encode and decode give the same
+# numbers, from NCHW inputs as the trainer and the pipeline pass them (conv_in's channels_last weight converts)
 from models.vae import AutoencoderKL, VAEConfig
 vae = AutoencoderKL(VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)).requires_grad_(False)
 for p in vae.parameters():
@@ -104,18 +105,18 @@ for p in vae.parameters():
 img, z = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 8, 8)
 with torch.no_grad():
     ref = (vae.encode(img).mean, vae.decode(z))
-    vae.to(memory_format=torch.channels_last).set_nhwc_norms(True)
+    vae.set_triton_kernels(True)
+    assert vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     calls.clear()
-    got = (vae.encode(img.contiguous(memory_format=torch.channels_last)).mean,
-           vae.decode(z.contiguous(memory_format=torch.channels_last)))
+    got = (vae.encode(img).mean, vae.decode(z))
 n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules())
 n_res = sum(isinstance(m, ResnetBlock2D) for m in vae.modules())
 assert calls == {"plain": 0, "silu": 2 * n_res + 2} or calls == {"silu": 2 * n_res + 2}, (calls, n_res)
 assert sum(calls.values()) == n_gn - 2, (calls, n_gn)
 for a, b in zip(ref, got):
     assert (a - b).abs().max() < 1e-4 * b.abs().max() and b.abs().max() > 0.1, ((a - b).abs().max(), b.abs().max())
-vae.set_nhwc_norms(False)
-assert not any("nhwc" in m.__dict__ for m in vae.modules())
+vae.set_triton_kernels(False)
+assert not any("nhwc" in m.__dict__ for m in vae.modules()) and vae.encoder.conv_in.weight.is_contiguous()
 print("ok", calls, n_gn)
 '''
 

@@ -134,8 +134,7 @@ class Trainer:
             self.sd.vae.set_subpixel_upsampling(True)
         nv = tc.get("nhwc_vae", False)  # the frozen VAE's encodes (the full step's, the latent cache's) NHWC;
         if ours and (nv is True or nv == "auto" and cuda and self.sd.vae.dtype != torch.float32):  # auto: timed in half
-            self.sd.vae.to(memory_format=torch.channels_last)
-            self.sd.vae.set_nhwc_norms(True)
+            self.sd.vae.set_triton_kernels(True)
         if ours and self.channels_last and on("thin_convs"):
             self.sd.unet.set_thin_convs(True)
         if ours and on("short_attention"):
