@@ -259,10 +259,12 @@ def usable(norm: torch.nn.GroupNorm, x: torch.Tensor) -> bool:
     """Where the kernels apply: Triton present, a 4-D channels_last input (not also NCHW-contiguous) on
     CUDA (or anywhere under Triton's interpreter), affine parameters that need no gradient (frozen, or
     grad mode off, as in sampling), fewer than 2**31 elements (the kernels' offsets are int32: a VAE's 1024x1024
-    activations at batch 16 would overflow)."""
+    activations at batch 16 would overflow) and at most 65,535 x 32 positions (the elementwise kernels' second grid
+    dimension: a VAE decoding 2048x2048 would exceed it)."""
     affine_grad = torch.is_grad_enabled() and (norm.weight.requires_grad or norm.bias.requires_grad)
     return (available() and (x.is_cuda or INTERPRET) and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() and norm.affine and not affine_grad and x.numel() < 2 ** 31)
+            and not x.is_contiguous() and norm.affine and not affine_grad and x.numel() < 2 ** 31
+            and x.shape[2] * x.shape[3] <= 65535 * 32)
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -79,8 +79,11 @@ with torch.no_grad():
 gn.requires_grad_(False)
 assert ng.usable(gn, xc) and not ng.usable(gn, xc.contiguous())
 gn128 = torch.nn.GroupNorm(32, 128).requires_grad_(False)   # 2**31 elements or more: int32 offsets would overflow
-assert ng.usable(gn128, torch.empty(1, 128, 4096, 4095, device="meta").to(memory_format=torch.channels_last))
-assert not ng.usable(gn128, torch.empty(1, 128, 4096, 4096, device="meta").to(memory_format=torch.channels_last))
+assert ng.usable(gn128, torch.empty(15, 128, 1024, 1024, device="meta").to(memory_format=torch.channels_last))
+assert not ng.usable(gn128, torch.empty(16, 128, 1024, 1024, device="meta").to(memory_format=torch.channels_last))
+gn32 = torch.nn.GroupNorm(32, 32).requires_grad_(False)     # more than 65,535 x 32 positions: past the grid's limit
+assert ng.usable(gn32, torch.empty(1, 32, 2047, 1024, device="meta").to(memory_format=torch.channels_last))
+assert not ng.usable(gn32, torch.empty(1, 32, 2048, 1024, device="meta").to(memory_format=torch.channels_last))
 
 # the UNet's GroupNorms go through the kernels with nhwc=True (the resnets' with SiLU fused), same numbers
 import sys
