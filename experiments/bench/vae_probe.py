@@ -1,6 +1,6 @@
 """The SD1.5 VAE's encode (the full step: batch 2, 512x512) and decode (sampling: batch 1) on the GPU, fp16, in
-each memory layout and convolution-algorithm choice: ms, peak memory above the weights, and the error against
-the current path (NCHW, cuDNN's heuristic algorithms).
+each memory layout and convolution-algorithm choice: ms, peak memory allocated above what was before the call, and
+the error against the NCHW path with cuDNN's heuristic algorithms (the trainer's before session 21).
 
     python -m experiments.bench.vae_probe [REPS]
 
