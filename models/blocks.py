@@ -14,6 +14,44 @@ from models import ahead, bias_folding, sdpa_backend, subpixel_upsample
 from models.autocast_off import autocast_off
 
 
+def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
+                          shift: torch.Tensor | None = None, passthrough: bool = False):
+    """The norm in its weights' dtype; `silu` and `shift` (GroupNorms with `nhwc` only, see
+    blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None])). `passthrough` (GroupNorms) returns
+    (y, x') where the caller's residual path then reads x' (x's values): on the NHWC kernels the two paths'
+    gradients are summed in the norm's backward pass (models/nhwc_group_norm.py), elsewhere x' is x."""
+    x_in = x
+    with autocast_off(x):
+        x = x.to(self.weight.dtype)
+        if self.__dict__.get("nhwc"):
+            from models import nhwc_group_norm  # Triton: imported only where asked for
+            if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
+                fused = passthrough and x is x_in                         # (y, x') from the kernel's function
+                y = nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
+                                                    shift, passthrough=fused)
+                return y if fused or not passthrough else (y, x_in)
+        if shift is not None:
+            x = x + shift.to(x.dtype).expand(x.shape[:2])[:, :, None, None]
+        y = type(self).forward(self, x)
+        y = F.silu(y) if silu else y
+        return (y, x_in) if passthrough else y
+
+
+def set_norms_in_weight_dtype(module: nn.Module, enabled: bool = True, nhwc: bool = False) -> None:
+    """Every GroupNorm/LayerNorm in `module` runs in its weights' dtype, outside autocast (_norm_in_weight_dtype);
+    nhwc: its GroupNorms of channels_last CUDA inputs on models/nhwc_group_norm.py's kernels. Off: torch's modules
+    as they were. (UNet.set_norms_in_weight_dtype, AutoencoderKL.set_nhwc_norms.)"""
+    for m in module.modules():
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            if enabled:
+                m.forward = _norm_in_weight_dtype.__get__(m)
+                m.nhwc = nhwc and isinstance(m, nn.GroupNorm)
+                m.in_weight_dtype = True
+            else:
+                for k in ("forward", "nhwc", "in_weight_dtype"):
+                    m.__dict__.pop(k, None)
+
+
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """F.silu(norm(x)), in one kernel where the UNet's norms run NHWC (models/unet.set_norms_in_weight_dtype)."""
     return norm(x, silu=True) if norm.__dict__.get("nhwc") else F.silu(norm(x))

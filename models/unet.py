@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import ahead, bias_folding
-from models.autocast_off import autocast_off
-from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_and_residual, norm_silu
+from models.blocks import (Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_and_residual, norm_silu,
+                           set_norms_in_weight_dtype)
 from models.subpixel_upsample import set_subpixel_upsampling
 
 # Config values we implement. Anything else raises, naming the field: a UNet that silently
@@ -307,29 +307,6 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if bias_folding.is_channels_last(t) else torch.contiguous_format
 
 
-def _norm_in_weight_dtype(self: nn.Module, x: torch.Tensor, silu: bool = False,
-                          shift: torch.Tensor | None = None, passthrough: bool = False):
-    """The norm in its weights' dtype; `silu` and `shift` (GroupNorms with `nhwc` only, see
-    blocks.ResnetBlock2D) return silu(norm(x + shift[:, :, None, None])). `passthrough` (GroupNorms) returns
-    (y, x') where the caller's residual path then reads x' (x's values): on the NHWC kernels the two paths'
-    gradients are summed in the norm's backward pass (models/nhwc_group_norm.py), elsewhere x' is x."""
-    x_in = x
-    with autocast_off(x):
-        x = x.to(self.weight.dtype)
-        if self.__dict__.get("nhwc"):
-            from models import nhwc_group_norm  # Triton: imported only where asked for
-            if nhwc_group_norm.usable(self, x):  # no NCHW copy around the norm, SiLU in the same kernel
-                fused = passthrough and x is x_in                         # (y, x') from the kernel's function
-                y = nhwc_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu,
-                                                    shift, passthrough=fused)
-                return y if fused or not passthrough else (y, x_in)
-        if shift is not None:
-            x = x + shift.to(x.dtype).expand(x.shape[:2])[:, :, None, None]
-        y = type(self).forward(self, x)
-        y = F.silu(y) if silu else y
-        return (y, x_in) if passthrough else y
-
-
 class _Block(_Checkpointed):
     """Resnets (each optionally followed by a transformer) then an optional down/upsampler."""
 
@@ -543,15 +520,7 @@ class UNet2DConditionModel(nn.Module):
         output is rounded to half precision one op earlier. Saves two fp32 round trips per norm.
         nhwc: GroupNorms of channels_last CUDA inputs run models/nhwc_group_norm.py's kernels instead of
         torch's, which copy to NCHW and back."""
-        for m in self.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                if enabled:
-                    m.forward = _norm_in_weight_dtype.__get__(m)
-                    m.nhwc = nhwc and isinstance(m, nn.GroupNorm)
-                    m.in_weight_dtype = True
-                else:
-                    for k in ("forward", "nhwc", "in_weight_dtype"):
-                        m.__dict__.pop(k, None)
+        set_norms_in_weight_dtype(self, enabled, nhwc)
 
     def set_gradient_checkpointing(self, enabled: bool = True, preserve_rng_state: bool = True,
                                    context_fn=None) -> None:

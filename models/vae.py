@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_silu
+from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, norm_silu, set_norms_in_weight_dtype
 from models.subpixel_upsample import set_subpixel_upsampling
 
 
@@ -233,13 +233,7 @@ class AutoencoderKL(nn.Module):
         """GroupNorms of channels_last CUDA inputs on models/nhwc_group_norm.py's kernels, SiLU fused, instead of
         torch's, which copy NCHW and back around each (as UNet.set_norms_in_weight_dtype's nhwc; the VAE runs in
         its weights' dtype outside autocast, so nothing else changes). For a VAE moved to channels_last."""
-        from models.unet import _norm_in_weight_dtype
-        for m in self.modules():
-            if isinstance(m, nn.GroupNorm):
-                if enabled:
-                    m.forward, m.nhwc = _norm_in_weight_dtype.__get__(m), True
-                else:
-                    m.__dict__.pop("forward", None), m.__dict__.pop("nhwc", None)
+        set_norms_in_weight_dtype(self, enabled, nhwc=True)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
