@@ -17,18 +17,15 @@ from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, no
 from models.subpixel_upsample import set_subpixel_upsampling
 
 
-SEARCH_CONVS = False  # True: heuristic_convs leaves cuDNN's timed search on where the trainer turned it on (A/B)
-
-
 @contextlib.contextmanager
-def heuristic_convs():
+def heuristic_convs(search: bool = False):
     """cuDNN's heuristic choice of convolution algorithm inside (no timed search where the trainer turned
-    cudnn.benchmark on): the frozen VAE runs each shape a few times at most, and at 1024x1024 in fp32 the search
-    allocated a 64.6 GiB workspace for an encoder convolution on an 80 GB H100, which the caching allocator then
-    kept reserved (SDXL's full step with and without the search: 0.1806 / 0.1809 s, 71.8 / 10.5 GiB peak;
-    experiments/bench/RESULTS.md, session 12)."""
+    cudnn.benchmark on) unless `search` (AutoencoderKL.search_convs): the frozen VAE runs each shape a few times at
+    most, and at 1024x1024 in fp32 the search allocated a 64.6 GiB workspace for an encoder convolution on an 80 GB
+    H100, which the caching allocator then kept reserved (SDXL's full step with and without the search: 0.1806 /
+    0.1809 s, 71.8 / 10.5 GiB peak; experiments/bench/RESULTS.md, session 12)."""
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before and SEARCH_CONVS
+    torch.backends.cudnn.benchmark = before and search
     try:
         yield
     finally:
@@ -207,6 +204,7 @@ class AutoencoderKL(nn.Module):
         lat = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if cfg.use_post_quant_conv else None
+        self.search_convs = False  # True: cuDNN's timed search where cudnn.benchmark is on (heuristic_convs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,7 +235,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
-        with heuristic_convs():
+        with heuristic_convs(self.search_convs):
             moments = self.encoder(x)
             if self.quant_conv is not None:
                 moments = self.quant_conv(moments)
@@ -248,7 +246,7 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents -> images in about [-1, 1]. `slice_size` decodes that many at a time."""
         if slice_size and z.shape[0] > slice_size:
             return torch.cat([self.decode(c) for c in z.split(slice_size)], dim=0)
-        with heuristic_convs():
+        with heuristic_convs(self.search_convs):
             if self.post_quant_conv is not None:
                 z = self.post_quant_conv(z)
             return self.decoder(z)

@@ -596,8 +596,23 @@ def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
     vae.set_triton_kernels(True)
     nhwc = run(vae, torch.float16)
     assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) - 2  # not the attentions'
-    for torch_half, triton_half, r in zip(nchw, nhwc, ref):
+    vae.search_convs = True                   # train.vae_conv_search: cuDNN's timed algorithms (on by default)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    searched = run(vae, torch.float16)
+    for torch_half, triton_half, s, r in zip(nchw, nhwc, searched, ref):
         assert _err(triton_half, r) <= 1.5 * _err(torch_half, r) + 1e-4, (_err(triton_half, r), _err(torch_half, r))
+        assert _err(s, r) <= 1.5 * _err(torch_half, r) + 1e-4, (_err(s, r), _err(torch_half, r))
+
+
+def test_vae_conv_search_follows_the_config(tiny_diffusers_folder, tiny_data, tmp_path):
+    """train.vae_conv_search: auto searches only where the VAE runs NHWC (train.nhwc_vae: CUDA, half precision);
+    true and false as written."""
+    want = {"auto": torch.cuda.is_available(), "true": True, "false": False}
+    for value, on in want.items():
+        extra = ("device=cuda", "train.precision=fp16") if torch.cuda.is_available() else ()
+        tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / value, f"train.vae_conv_search={value}",
+                              *extra))
+        assert tr.sd.vae.search_convs is on, value
 
 
 def test_fused_projections_give_the_same_numbers(tiny_diffusers_folder, tiny_data, tmp_path):

@@ -133,8 +133,11 @@ class Trainer:
             self.sd.unet.set_subpixel_upsampling(True)
             self.sd.vae.set_subpixel_upsampling(True)
         nv = tc.get("nhwc_vae", False)  # the frozen VAE's encodes (the full step's, the latent cache's) NHWC;
-        if ours and (nv is True or nv == "auto" and cuda and self.sd.vae.dtype != torch.float32):  # auto: timed in half
+        nhwc_vae = ours and (nv is True or nv == "auto" and cuda and self.sd.vae.dtype != torch.float32)
+        if nhwc_vae:  # (auto: timed in half precision)
             self.sd.vae.set_triton_kernels(True)
+        vs = tc.get("vae_conv_search", False)  # cuDNN's timed search inside the VAE's encodes too (auto: NHWC VAE)
+        self.sd.vae.search_convs = bool(vs is True or vs == "auto" and nhwc_vae)
         if ours and self.channels_last and on("thin_convs"):
             self.sd.unet.set_thin_convs(True)
         if ours and on("short_attention"):

@@ -13,6 +13,9 @@
 #                                                # vae_probe, and the full step with and without it, twice each
 #                                                # (needs only .whl, no flash-attn-4: pip install --no-index
 #                                                # --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:$PWD)
+#   experiments/bench/fa4_gpu.sh ROUNDS vae_search  # the same CUDA tests; the full step with cuDNN's timed search
+#                                                # inside the NHWC VAE (train.vae_conv_search) against its heuristic
+#                                                # choice and the NCHW VAE; sampling; against diffusers (.whl only)
 # (Session 20's version also timed cuDNN against FA4 and "accumulator" against "tile32" under graph_ab, and
 # fa4_probe: RESULTS.md.)
 set -o pipefail
@@ -49,5 +52,11 @@ diffusers:report:unet:compile ;;
     timeout 90 python3 -m experiments.bench.vae_probe 20 2>&1 | grep -v Warn | tee "$OUT/vae_probe.txt"
     table ours:report:full:default,ours:report:full:default_nchw_vae,ours:report:full:default,\
 ours:report:full:default_nchw_vae,diffusers:report:full:eager ;;
-  *) echo "unknown part $part: checks, table1, table2 or vae" >&2; exit 2 ;;
+  vae_search)
+    (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
+      2>&1 | tee "$OUT/tests_vae.log" | tail -3
+    table ours:report:full:default,ours:report:full:default_vae_heuristic,ours:report:full:default_nchw_vae,\
+ours:report:full:default,ours:report:full:default_vae_heuristic,diffusers:report:full:eager,ours:sampling:-:graph,\
+diffusers:sampling:-:- ;;
+  *) echo "unknown part $part: checks, table1, table2, vae or vae_search" >&2; exit 2 ;;
 esac

@@ -76,6 +76,7 @@ MODES = {  # name -> train.* overrides
     "default_fa4": ["train.sdpa_backend=fa4"],      # FlashAttention-4's Hopper kernels (flash-attn-4 installed)
     "default_torch_sdpa": ["train.sdpa_backend=torch"],  # torch's order even where flash-attn-4 is installed
     "default_nchw_vae": ["train.nhwc_vae=false"],   # the VAE NCHW with torch's GroupNorm (the full step's encode)
+    "default_vae_heuristic": ["train.vae_conv_search=false"],  # cuDNN's heuristic algorithms inside the VAE
 }
 
 

@@ -8,8 +8,8 @@ Why: the report's full step (VAE encode + text encoder in every step) took 36.2 
 UNet-only step (H100, session 21), though the encode is 2.23 TFLOP (torch.utils.flop_counter), 2.8 ms at the
 card's matmul rate. Variants: "cl" = the VAE's weights and input channels_last; "nhwc norms" = its GroupNorms
 on models/nhwc_group_norm.py's kernels (SiLU fused, no NCHW copies), as the UNet's; "benchmark" = cuDNN's timed
-search (models.vae.SEARCH_CONVS) instead of the heuristic choice (which the VAE turns on against a 64 GiB
-workspace at 1024x1024 fp32, session 12).
+search (AutoencoderKL.search_convs; the trainer's train.vae_conv_search) instead of the heuristic choice (the
+VAE's default, against a 64 GiB workspace at 1024x1024 fp32, session 12).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import sys
 
 import torch
 
-from models import vae as vae_mod
 from models.vae import AutoencoderKL
 
 
@@ -51,7 +50,7 @@ def main():
         cl, bench = name.startswith("cl"), name.endswith("benchmark")
         vae.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         vae.set_nhwc_norms("nhwc norms" in name)
-        vae_mod.SEARCH_CONVS = bench
+        vae.search_convs = bench
         torch.backends.cudnn.benchmark = bench
         xin = x.contiguous(memory_format=torch.channels_last) if cl else x
         zin = z.contiguous(memory_format=torch.channels_last) if cl else z
@@ -69,7 +68,6 @@ def main():
             err = ((out - ref[what]).abs().max() / ref[what].abs().max()).item()
             row += [f"{ms:.2f}", f"{peak:.2f}", f"{err:.1e}"]
         print("| " + " | ".join(row) + " |", flush=True)
-    vae_mod.SEARCH_CONVS = False
 
 
 if __name__ == "__main__":
