@@ -57,6 +57,10 @@ ours:report:full:default_nchw_vae,diffusers:report:full:eager ;;
       2>&1 | tee "$OUT/tests_vae.log" | tail -3
     table ours:report:full:default,ours:report:full:default_vae_heuristic,ours:report:full:default_nchw_vae,\
 ours:report:full:default,ours:report:full:default_vae_heuristic,diffusers:report:full:eager,ours:sampling:-:graph,\
-diffusers:sampling:-:- ;;
+diffusers:sampling:-:-
+    for m in default default_nchw_vae; do  # where the NHWC VAE's time goes in the full step (kernels by kind)
+      timeout 100 python3 -m experiments.bench.profile report $m --part full --rows 25 > "$OUT/profile_full_$m.txt" 2>&1
+      grep -A8 "ms/step" "$OUT/profile_full_$m.txt"
+    done ;;
   *) echo "unknown part $part: checks, table1, table2, vae or vae_search" >&2; exit 2 ;;
 esac

@@ -110,11 +110,12 @@ def run_steps(tr, n: int) -> None:
 
 
 @contextlib.contextmanager
-def warm_trainer(name: str, mode: str, warm: int, root: str = "/tmp/bench"):
-    """The UNet-part Trainer of config `name` on the SD1.5-size GPU world, after `warm` steps (cuDNN's algorithm
-    search, the CUDA graph's recording), in a run directory that lives as long as the context."""
+def warm_trainer(name: str, mode: str, warm: int, root: str = "/tmp/bench", part: str = "unet"):
+    """The Trainer of config `name` and `part` (unet: cached latents and text; full) on the SD1.5-size GPU world,
+    after `warm` steps (cuDNN's algorithm search, the CUDA graph's recording), in a run directory that lives as
+    long as the context."""
     with tempfile.TemporaryDirectory() as tmp:
-        tr = trainer(name, "unet", mode, world(root, False), Path(tmp))
+        tr = trainer(name, part, mode, world(root, False), Path(tmp))
         run_steps(tr, warm)
         yield tr
 

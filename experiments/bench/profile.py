@@ -1,6 +1,7 @@
 """Where the GPU time of one training step goes: CUDA kernel time by kind, from torch.profiler.
 
-    python -m experiments.bench.profile CONFIG [MODE] [ROOT] [--rows N]   (MODE: an ours.MODES name; default eager)
+    python -m experiments.bench.profile CONFIG [MODE] [ROOT] [--rows N] [--part full]
+    (MODE: an ours.MODES name, default eager; --part full: VAE encode and text encoder in the step)
 
 Prints the step's wall time, the summed kernel time (busy) and its split into matmul, convolution,
 attention, normalisation, elementwise/copy and optimizer kernels, the 40 (--rows) costliest kernels, then
@@ -39,14 +40,16 @@ def kind(name: str) -> str:
 
 
 def main():
-    args, rows = sys.argv[1:], 40
-    if "--rows" in args:
-        i = args.index("--rows")
-        rows = int(args[i + 1])
-        del args[i:i + 2]
+    args, opts = sys.argv[1:], {"--rows": "40", "--part": "unet"}
+    for key in opts:
+        if key in args:
+            i = args.index(key)
+            opts[key] = args[i + 1]
+            del args[i:i + 2]
+    rows = int(opts["--rows"])
     name, mode = args[0], args[1] if len(args) > 1 else "eager"
     steps = 3
-    with warm_trainer(name, mode, 4, args[2] if len(args) > 2 else "/tmp/bench") as tr:
+    with warm_trainer(name, mode, 4, args[2] if len(args) > 2 else "/tmp/bench", opts["--part"]) as tr:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
             t = time.perf_counter()
             run_steps(tr, steps)
