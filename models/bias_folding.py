@@ -34,7 +34,7 @@ def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -
     if bias is None:
         return a + b
     if (a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and a.dtype == b.dtype and a.shape == b.shape \
-            and is_channels_last(a) and is_channels_last(b):
+            and is_channels_last(a) and is_channels_last(b) and a.numel() < 2 ** 31:  # (the kernel's int32 offsets)
         from models import nhwc_add  # Triton: imported only where it can run
         if nhwc_add.available():
             return nhwc_add.add_with_bias(a, b, bias)

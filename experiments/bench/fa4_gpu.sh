@@ -62,11 +62,12 @@ diffusers:sampling:-:-
       timeout 100 python3 -m experiments.bench.profile report $m --part full --rows 25 > "$OUT/profile_full_$m.txt" 2>&1
       grep -A8 "ms/step" "$OUT/profile_full_$m.txt"
     done ;;
-  vae_eager)  # the search against the heuristic with the step launched eagerly (as the latent cache's encodes run)
+  vae_eager)  # the VAE with its biases folded (the default) against NCHW and against diffusers, sampling; the search
+              # against the heuristic with the step launched eagerly (as the latent cache's encodes run)
     (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
       2>&1 | tee "$OUT/tests_vae.log" | tail -3
     timeout 90 python3 -m experiments.bench.vae_probe 20 2>&1 | grep -v Warn | tee "$OUT/vae_probe.txt"
-    table ours:report:full:eager_vae_heuristic,ours:report:full:eager_vae_search,ours:report:full:default_vae_search,\
-ours:report:full:eager_vae_heuristic,ours:report:full:eager_vae_search,ours:report:full:default_vae_heuristic ;;
+    table ours:report:full:default,ours:report:full:default_nchw_vae,diffusers:report:full:eager,\
+ours:sampling:-:graph,diffusers:sampling:-:-,ours:report:full:eager_vae_heuristic,ours:report:full:eager_vae_search ;;
   *) echo "unknown part $part: checks, table1, table2, vae, vae_search or vae_eager" >&2; exit 2 ;;
 esac

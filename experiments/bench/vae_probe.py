@@ -7,7 +7,9 @@ the error against the NCHW path with cuDNN's heuristic algorithms (the trainer's
 Why: the report's full step (VAE encode + text encoder in every step) took 36.2 ms against 17.5 ms for the
 UNet-only step (H100, session 21), though the encode is 2.23 TFLOP (torch.utils.flop_counter), 2.8 ms at the
 card's matmul rate. Variants: "cl" = the VAE's weights and input channels_last; "nhwc norms" = its GroupNorms
-on models/nhwc_group_norm.py's kernels (SiLU fused, no NCHW copies), as the UNet's; "benchmark" = cuDNN's timed
+on models/nhwc_group_norm.py's kernels (SiLU fused, no NCHW copies), as the UNet's; "folded" = the resnets' conv
+biases folded into norm2 and the residual sum (set_bias_folding; the trainer's default with train.nhwc_vae, as
+set_triton_kernels sets it); "benchmark" = cuDNN's timed
 search (AutoencoderKL.search_convs; the trainer's train.vae_conv_search) instead of the heuristic choice (the
 VAE's default, against a 64 GiB workspace at 1024x1024 fp32, session 12).
 """
@@ -47,10 +49,12 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; median of {reps}")
     print("| variant | encode b2 ms | peak GiB | err | decode b1 ms | peak GiB | err |\n|---|---|---|---|---|---|---|")
     for name in ("nchw", "nchw benchmark", "cl", "cl benchmark", "cl nhwc norms", "cl nhwc norms benchmark",
-                 "cl nhwc norms again"):  # (after the search: does its plan cache change the heuristic's kernels?)
+                 "cl nhwc norms again", "cl nhwc norms folded", "cl nhwc norms folded benchmark"):
+        # (again: after the search, does its plan cache change the heuristic's kernels? folded: set_bias_folding)
         cl, bench = name.startswith("cl"), name.endswith("benchmark")
         vae.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         vae.set_nhwc_norms("nhwc norms" in name)
+        vae.set_bias_folding("folded" in name)
         vae.search_convs = bench
         torch.backends.cudnn.benchmark = bench
         xin = x.contiguous(memory_format=torch.channels_last) if cl else x
