@@ -222,8 +222,9 @@ class AutoencoderKL(nn.Module):
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For a frozen fp16/bf16 VAE on CUDA (the trainer's train.nhwc_vae, sample.py's triton_kernels): channels_last
-        weights and activations, GroupNorms (+SiLU) on the NHWC kernels (experiments/bench/vae_probe.py, H100: encode
-        of 2 at 512x512 18.5 -> 17.5 ms, decode of 1 25.2 -> 19.1 ms). Off: NCHW and torch's GroupNorm."""
+        weights and activations, GroupNorms (+SiLU) on the NHWC kernels, the resnets' conv biases folded (H100,
+        experiments/bench/RESULTS.md session 22: the report's full step 37.3 -> 26.7 ms; vae_probe: decode of 1 at
+        512x512 23.5 -> 11.2 ms). Off: NCHW and torch's GroupNorm."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_nhwc_norms(enabled)
         self.set_bias_folding(enabled)

@@ -596,7 +596,7 @@ def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
     vae.set_triton_kernels(True)
     nhwc = run(vae, torch.float16)
     assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules()) - 2  # not the attentions'
-    vae.search_convs = True                   # train.vae_conv_search: cuDNN's timed algorithms (on by default)
+    vae.search_convs = True                   # train.vae_conv_search: cuDNN's timed algorithms
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     searched = run(vae, torch.float16)
     for torch_half, triton_half, s, r in zip(nchw, nhwc, searched, ref):
@@ -605,12 +605,14 @@ def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
 
 
 def test_vae_conv_search_follows_the_config(tiny_diffusers_folder, tiny_data, tmp_path):
-    """train.vae_conv_search: auto searches only where the VAE runs NHWC (train.nhwc_vae); true and false as
-    written."""
-    want = {("auto", "true"): True, ("auto", "false"): False, ("true", "false"): True, ("false", "true"): False}
+    """train.vae_conv_search: off by default; auto searches only where the VAE runs NHWC (train.nhwc_vae); true and
+    false as written."""
+    want = {(None, "true"): False, ("auto", "true"): True, ("auto", "false"): False, ("true", "false"): True,
+            ("false", "true"): False}
     for (search, nhwc), on in want.items():
-        tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / f"{search}{nhwc}",
-                              f"train.vae_conv_search={search}", f"train.nhwc_vae={nhwc}"))
+        extra = [f"train.vae_conv_search={search}"] if search else []
+        tr = Trainer(make_cfg(tiny_diffusers_folder, tiny_data, tmp_path / f"{search}{nhwc}", *extra,
+                              f"train.nhwc_vae={nhwc}"))
         assert tr.sd.vae.search_convs is on, (search, nhwc)
 
 

@@ -136,7 +136,8 @@ class Trainer:
         nhwc_vae = ours and (nv is True or nv == "auto" and cuda and self.sd.vae.dtype != torch.float32)
         if nhwc_vae:  # (auto: timed in half precision)
             self.sd.vae.set_triton_kernels(True)
-        vs = tc.get("vae_conv_search", False)  # cuDNN's timed search inside the VAE's encodes too (auto: NHWC VAE)
+        vs = tc.get("vae_conv_search", False)  # cuDNN's timed search inside the VAE's encodes too (auto: NHWC VAE;
+        # default off: no gain in the graphed full step, experiments/bench/RESULTS.md session 22)
         self.sd.vae.search_convs = bool(vs is True or vs == "auto" and nhwc_vae)
         if ours and self.channels_last and on("thin_convs"):
             self.sd.unet.set_thin_convs(True)
