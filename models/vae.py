@@ -17,6 +17,9 @@ from models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention, no
 from models.subpixel_upsample import set_subpixel_upsampling
 
 
+SEARCH_MAX_PIXELS = 512 * 512  # AutoencoderKL.search_convs applies to images up to this size: where it was measured
+
+
 @contextlib.contextmanager
 def heuristic_convs(search: bool = False):
     """cuDNN's heuristic choice of convolution algorithm inside (no timed search where the trainer turned
@@ -204,7 +207,8 @@ class AutoencoderKL(nn.Module):
         lat = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if cfg.use_post_quant_conv else None
-        self.search_convs = False  # True: cuDNN's timed search where cudnn.benchmark is on (heuristic_convs)
+        self.search_convs = False  # True: cuDNN's timed search where cudnn.benchmark is on, for images of up to
+        # SEARCH_MAX_PIXELS (heuristic_convs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -245,7 +249,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
-        with heuristic_convs(self.search_convs):
+        with heuristic_convs(self.search_convs and x.shape[-2] * x.shape[-1] <= SEARCH_MAX_PIXELS):
             moments = self.encoder(x)
             if self.quant_conv is not None:
                 moments = self.quant_conv(moments)
@@ -256,7 +260,8 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents -> images in about [-1, 1]. `slice_size` decodes that many at a time."""
         if slice_size and z.shape[0] > slice_size:
             return torch.cat([self.decode(c) for c in z.split(slice_size)], dim=0)
-        with heuristic_convs(self.search_convs):
+        pixels = z.shape[-2] * z.shape[-1] * self.scale_factor ** 2
+        with heuristic_convs(self.search_convs and pixels <= SEARCH_MAX_PIXELS):
             if self.post_quant_conv is not None:
                 z = self.post_quant_conv(z)
             return self.decoder(z)

@@ -605,9 +605,9 @@ def test_nhwc_vae_on_cuda_tracks_fp32(tiny_diffusers_folder, monkeypatch):
 
 
 def test_vae_conv_search_follows_the_config(tiny_diffusers_folder, tiny_data, tmp_path):
-    """train.vae_conv_search: off by default; auto searches only where the VAE runs NHWC (train.nhwc_vae); true and
-    false as written."""
-    want = {(None, "true"): False, ("auto", "true"): True, ("auto", "false"): False, ("true", "false"): True,
+    """train.vae_conv_search: auto by default, which searches only where the VAE runs NHWC (train.nhwc_vae); true
+    and false as written."""
+    want = {(None, "true"): True, ("auto", "true"): True, ("auto", "false"): False, ("true", "false"): True,
             ("false", "true"): False}
     for (search, nhwc), on in want.items():
         extra = [f"train.vae_conv_search={search}"] if search else []

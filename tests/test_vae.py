@@ -113,12 +113,17 @@ def test_vae_convolutions_take_cudnns_heuristic_choice_and_restore_the_flag(monk
         ours.decode(z)
     n = sum(isinstance(m, torch.nn.Conv2d) for m in ours.modules())
     assert len(seen) == n and not any(seen) and torch.backends.cudnn.benchmark
-    ours.search_convs = True                  # train.vae_conv_search: the trainer's flag stands inside
-    seen.clear()
-    with torch.no_grad():
-        ours.decode(z)
-    assert len(seen) == n - sum(isinstance(m, torch.nn.Conv2d) for m in ours.encoder.modules()) - 1  # no quant_conv
-    assert all(seen) and torch.backends.cudnn.benchmark
+    from models import vae as vae_mod
+    ours.search_convs = True                  # train.vae_conv_search: the trainer's flag stands inside, for images
+    pixels = 32 * 32                          # of up to SEARCH_MAX_PIXELS (z decodes to 32x32)
+    for limit, searched in ((pixels, True), (pixels - 1, False)):
+        monkeypatch.setattr(vae_mod, "SEARCH_MAX_PIXELS", limit)
+        seen.clear()
+        with torch.no_grad():
+            ours.decode(z)
+        assert len(seen) == n - sum(isinstance(m, torch.nn.Conv2d) for m in ours.encoder.modules()) - 1  # no quant
+        assert all(s is searched for s in seen) and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(vae_mod, "SEARCH_MAX_PIXELS", pixels)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # and it never turns the search on by itself
     seen.clear()
     with torch.no_grad():

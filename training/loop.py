@@ -137,7 +137,7 @@ class Trainer:
         if nhwc_vae:  # (auto: timed in half precision)
             self.sd.vae.set_triton_kernels(True)
         vs = tc.get("vae_conv_search", False)  # cuDNN's timed search inside the VAE's encodes too (auto: NHWC VAE;
-        # default off: no gain in the graphed full step, experiments/bench/RESULTS.md session 22)
+        # images of up to models.vae.SEARCH_MAX_PIXELS; experiments/bench/RESULTS.md session 22)
         self.sd.vae.search_convs = bool(vs is True or vs == "auto" and nhwc_vae)
         if ours and self.channels_last and on("thin_convs"):
             self.sd.unet.set_thin_convs(True)

@@ -18,8 +18,7 @@
 #                                                # choice and the NCHW VAE; sampling; against diffusers (.whl only)
 #   experiments/bench/fa4_gpu.sh ROUNDS vae_eager   # the same tests; vae_probe; the full step (VAE biases folded)
 #                                                # against the NCHW VAE and diffusers; sampling; the search launched
-#                                                # eagerly (session 22 ran vae, vae_search and vae_eager in that order;
-#                                                # since then the search is off by default, vae_search's modes say it)
+#                                                # eagerly (session 22 ran vae, vae_search and vae_eager in that order)
 # (Session 20's version also timed cuDNN against FA4 and "accumulator" against "tile32" under graph_ab, and
 # fa4_probe: RESULTS.md.)
 set -o pipefail
@@ -59,8 +58,8 @@ ours:report:full:default_nchw_vae,diffusers:report:full:eager ;;
   vae_search)
     (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
       2>&1 | tee "$OUT/tests_vae.log" | tail -3
-    table ours:report:full:default,ours:report:full:default_vae_search,ours:report:full:default_nchw_vae,\
-ours:report:full:default,ours:report:full:default_vae_search,diffusers:report:full:eager,ours:sampling:-:graph,\
+    table ours:report:full:default,ours:report:full:default_vae_heuristic,ours:report:full:default_nchw_vae,\
+ours:report:full:default,ours:report:full:default_vae_heuristic,diffusers:report:full:eager,ours:sampling:-:graph,\
 diffusers:sampling:-:-
     for m in default default_nchw_vae; do  # where the NHWC VAE's time goes in the full step (kernels by kind)
       timeout 100 python3 -m experiments.bench.profile report $m --part full --rows 25 > "$OUT/profile_full_$m.txt" 2>&1
