@@ -226,18 +226,20 @@ class AutoencoderKL(nn.Module):
 
     def set_triton_kernels(self, enabled: bool = True) -> None:
         """For a frozen fp16/bf16 VAE on CUDA (the trainer's train.nhwc_vae, sample.py's triton_kernels): channels_last
-        weights and activations, GroupNorms (+SiLU) on the NHWC kernels, the resnets' conv biases folded (H100,
+        weights and activations, GroupNorms (+SiLU) on the NHWC kernels, the encoder's conv biases folded (H100,
         experiments/bench/RESULTS.md session 22: the report's full step 37.3 -> 26.7 ms; vae_probe: decode of 1 at
-        512x512 23.5 -> 11.2 ms). Off: NCHW and torch's GroupNorm."""
+        512x512 23.5 -> 11.0-20.0 ms, by cuDNN's picks). Off: NCHW and torch's GroupNorm."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.set_nhwc_norms(enabled)
         self.set_bias_folding(enabled)
 
     def set_bias_folding(self, enabled: bool = True) -> None:
-        """In resnets whose norms run NHWC, conv1's bias as norm2's shift and conv2's bias in the residual sum or
-        the 1x1 shortcut's GEMM (models/bias_folding.py, as UNet.set_bias_folding): torch adds each conv bias in a
-        strided broadcast pass over the channels_last output (the full step's profile: 49 such adds, 2.0 ms)."""
-        for m in self.modules():
+        """In the encoder's resnets whose norms run NHWC, conv1's bias as norm2's shift and conv2's bias in the
+        residual sum or the 1x1 shortcut's GEMM (models/bias_folding.py, as UNet.set_bias_folding): torch adds each
+        conv bias in a strided broadcast pass over the channels_last output (the full step's profile: 49 such adds,
+        2.0 ms; folded, the step went 28.5 -> 26.7 ms). Not the decoder's: folded, its decode of 1 at 512x512 took
+        11.2-11.3 ms against 10.8-11.0 and 0.41 GiB against 0.31 (H100, experiments/bench/RESULTS.md session 22)."""
+        for m in self.encoder.modules():
             if isinstance(m, ResnetBlock2D):
                 m.fold_biases = enabled
 

@@ -99,9 +99,10 @@ assert sum(calls.values()) == n_gn and calls.get("silu", 0) == 2 * n_res + 1, (c
 assert (outs[0][0] - outs[1][0]).abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
 
 # the VAE's too (set_triton_kernels: channels_last, set_nhwc_norms, set_bias_folding): every GroupNorm but the
-# mid-block attention's (it reads a (B, C, HW) view: torch's), the resnets' two and conv_norm_out's with SiLU, conv1's
-# bias as norm2's shift, conv2's in the residual sum's kernel where there is no 1x1 shortcut; encode and decode give the
-# same numbers, from NCHW inputs as the trainer and the pipeline pass them (conv_in's channels_last weight converts)
+# mid-block attention's (it reads a (B, C, HW) view: torch's), the resnets' two and conv_norm_out's with SiLU; in the
+# encoder conv1's bias as norm2's shift, conv2's in the residual sum's kernel where there is no 1x1 shortcut; encode and
+# decode give the same numbers, from NCHW inputs as the trainer and the pipeline pass them (conv_in's channels_last
+# weight converts)
 from models import nhwc_add
 from models.vae import AutoencoderKL, VAEConfig
 adds = count_calls(nhwc_add, "add_with_bias", lambda *a, **k: "add")
@@ -119,8 +120,10 @@ n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules())
 resnets = [m for m in vae.modules() if isinstance(m, ResnetBlock2D)]
 n_res = len(resnets)
 assert calls == {"silu": 2 * n_res + 2} and 2 * n_res + 2 == n_gn - 2, (calls, n_res, n_gn)
-n_plain = sum(m.conv_shortcut is None for m in resnets)
-assert adds == {"add": n_plain} and 0 < n_plain < n_res and all(m.fold_biases for m in resnets), (adds, n_plain)
+enc = [m for m in vae.encoder.modules() if isinstance(m, ResnetBlock2D)]
+n_plain = sum(m.conv_shortcut is None for m in enc)
+assert adds == {"add": n_plain} and 0 < n_plain < len(enc) < n_res, (adds, n_plain)
+assert [m.fold_biases for m in resnets] == [m in enc for m in resnets]
 for a, b in zip(ref, got):
     assert (a - b).abs().max() < 1e-4 * b.abs().max() and b.abs().max() > 0.1, ((a - b).abs().max(), b.abs().max())
 vae.set_triton_kernels(False)
