@@ -8,10 +8,10 @@ Why: the report's full step (VAE encode + text encoder in every step) took 36.2 
 UNet-only step (H100, session 21), though the encode is 2.23 TFLOP (torch.utils.flop_counter), 2.8 ms at the
 card's matmul rate. Variants: "cl" = the VAE's weights and input channels_last; "nhwc norms" = its GroupNorms
 on models/nhwc_group_norm.py's kernels (SiLU fused, no NCHW copies), as the UNet's; "folded" = the resnets' conv
-biases folded into norm2 and the residual sum (set_bias_folding; the trainer's default with train.nhwc_vae, as
-set_triton_kernels sets it); "benchmark" = cuDNN's timed
-search (AutoencoderKL.search_convs; the trainer's train.vae_conv_search) instead of the heuristic choice (the
-VAE's default, against a 64 GiB workspace at 1024x1024 fp32, session 12).
+biases folded into norm2 and the residual sum (set_bias_folding, which set_triton_kernels calls: the encoder's
+since session 22, when this probe's decode was slower folded); "benchmark" = cuDNN's timed search
+(AutoencoderKL.search_convs; the trainer's train.vae_conv_search) instead of the heuristic choice (the VAE's
+default elsewhere, against a 64 GiB workspace at 1024x1024 fp32, session 12).
 """
 from __future__ import annotations
 
