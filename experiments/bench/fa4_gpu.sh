@@ -31,6 +31,10 @@ ab() {  # graph_ab CONFIG ARGS..., its result lines appended to graph_ab.log
   echo "graph_ab $*" | tee -a "$OUT/graph_ab.log"
   timeout 200 python3 -m experiments.bench.graph_ab "$@" 2>&1 | grep -v Warning | tail -3 | tee -a "$OUT/graph_ab.log"
 }
+vae_tests() {  # the NHWC VAE's CUDA tests (against fp32, with cuDNN's search on) and its config test
+  (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
+    2>&1 | tee "$OUT/tests_vae.log" | tail -3
+}
 table() {  # run_all JOBS: results.json and table.md in $OUT/PART
   timeout 540 python3 -m experiments.bench.run_all --out "$OUT/$part" --jobs "$1" 2>&1 \
     | grep -v "Warning\|exe_args" | tail -16
@@ -50,14 +54,12 @@ ours:seed000:unet:default,diffusers:seed000:unet:eager ;;
 diffusers:b8_bf16:unet:eager,ours:sampling:-:graph,ours:sampling:-:graph_fa4,diffusers:sampling:-:-,\
 diffusers:report:unet:compile ;;
   vae)
-    (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k nhwc -p no:cacheprovider) 2>&1 \
-      | tee "$OUT/tests_vae.log" | tail -3
+    vae_tests
     timeout 90 python3 -m experiments.bench.vae_probe 20 2>&1 | grep -v Warn | tee "$OUT/vae_probe.txt"
     table ours:report:full:default,ours:report:full:default_nchw_vae,ours:report:full:default,\
 ours:report:full:default_nchw_vae,diffusers:report:full:eager ;;
   vae_search)
-    (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
-      2>&1 | tee "$OUT/tests_vae.log" | tail -3
+    vae_tests
     table ours:report:full:default,ours:report:full:default_vae_heuristic,ours:report:full:default_nchw_vae,\
 ours:report:full:default,ours:report:full:default_vae_heuristic,diffusers:report:full:eager,ours:sampling:-:graph,\
 diffusers:sampling:-:-
@@ -67,8 +69,7 @@ diffusers:sampling:-:-
     done ;;
   vae_eager)  # the VAE with its biases folded (the default) against NCHW and against diffusers, sampling; the search
               # against the heuristic with the step launched eagerly (as the latent cache's encodes run)
-    (cd tests && timeout 150 python3 -m pytest -q -rs test_fast_paths.py -k "nhwc or conv_search" -p no:cacheprovider) \
-      2>&1 | tee "$OUT/tests_vae.log" | tail -3
+    vae_tests
     timeout 90 python3 -m experiments.bench.vae_probe 20 2>&1 | grep -v Warn | tee "$OUT/vae_probe.txt"
     table ours:report:full:default,ours:report:full:default_nchw_vae,diffusers:report:full:eager,\
 ours:sampling:-:graph,diffusers:sampling:-:-,ours:report:full:eager_vae_heuristic,ours:report:full:eager_vae_search ;;
