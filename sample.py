@@ -103,9 +103,7 @@ def run(cfg: DictConfig) -> list[dict]:
                           "hash": file_sha256(path)[:10], "format": loaded.fmt})
     sdpa_backend.set_policy(cfg.get("sdpa_backend", "auto"))
     if triton_kernels_wanted(cfg.triton_kernels, device, sd.unet.conv_in.weight.dtype):
-        sd.unet.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
-        if not sd.vae.config.force_upcast:  # (SDXL's VAE decodes in fp32: NCHW, torch's kernels)
-            sd.vae.set_triton_kernels(True)
+        sd.set_triton_kernels(True)  # after the LoRAs: their conv weights go channels_last too
     if cfg.get("subpixel_upsample", "auto") is True or (cfg.get("subpixel_upsample", "auto") == "auto"
                                                        and device.type == "cuda"):
         sd.unet.set_subpixel_upsampling(True)   # models/subpixel_upsample.py: the same images, 4/9 of the MACs

@@ -66,6 +66,14 @@ class StableDiffusion:
         """What a LoRA file can adapt: {"unet", "text_encoder"[, "text_encoder_2"]}."""
         return {"unet": self.unet, **self.text_encoders}
 
+    def set_triton_kernels(self, enabled: bool = True) -> None:
+        """Sampling's kernels (sample.py's triton_kernels): the UNet's, and the VAE's NHWC path unless its config
+        decodes in fp32 (force_upcast: SDXL's VAE, which stays NCHW on torch's kernels). After loading LoRAs:
+        their conv weights go channels_last too."""
+        self.unet.set_triton_kernels(enabled)
+        if not self.vae.config.force_upcast:
+            self.vae.set_triton_kernels(enabled)
+
     def to(self, device=None, dtype=None) -> "StableDiffusion":
         for m in (self.unet, self.vae, *self.text_encoders.values()):
             if m is not None:

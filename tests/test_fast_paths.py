@@ -742,3 +742,19 @@ def test_cuda_programmatic_dependent_launch_gives_the_same_bits(tiny_diffusers_f
     hopper = torch.cuda.get_device_capability()[0] >= 9
     assert launched and all(launched) == hopper and (tr.graphed is not None) == graph
     assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1)) and l0[0] != l0[-1]
+
+
+def test_sampling_kernels_leave_an_upcast_vae_alone(tiny_diffusers_folder):
+    """StableDiffusion.set_triton_kernels (sample.py's triton_kernels): the UNet and an fp16-capable VAE go
+    channels_last with the NHWC norms; a VAE whose config asks for fp32 (force_upcast, SDXL's) stays as it was."""
+    from models.load import load_model
+    cl = torch.channels_last
+    for upcast in (False, True):
+        sd = load_model(tiny_diffusers_folder)
+        sd.vae.config.extra["force_upcast"] = upcast
+        sd.set_triton_kernels(True)
+        assert sd.unet.conv_in.weight.is_contiguous(memory_format=cl)
+        assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=cl) is not upcast
+        assert bool(sd.vae.decoder.conv_norm_out.__dict__.get("nhwc")) is not upcast
+        sd.set_triton_kernels(False)
+        assert not sd.vae.decoder.conv_norm_out.__dict__.get("nhwc") and sd.vae.decoder.conv_in.weight.is_contiguous()

@@ -197,9 +197,7 @@ def sampler(mode: str, w: dict, steps: int = 50, guidance: float = 7.5, name: st
     sd.unet.eval()
     sdpa_backend.set_policy("fa4" if mode == "graph_fa4" else "torch")  # sample.py's sdpa_backend (default auto)
     if dev == "cuda" and mode != "graph_torch_kernels":  # as sample.py's triton_kernels=auto
-        sd.unet.set_triton_kernels(True)
-        if not sd.vae.config.force_upcast:
-            sd.vae.set_triton_kernels(True)
+        sd.set_triton_kernels(True)
     if dev == "cuda":                                   # as sample.py's subpixel_upsample=auto
         sd.unet.set_subpixel_upsampling(True)
         sd.vae.set_subpixel_upsampling(True)
