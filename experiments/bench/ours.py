@@ -77,7 +77,6 @@ MODES = {  # name -> train.* overrides
     "default_torch_sdpa": ["train.sdpa_backend=torch"],  # torch's order even where flash-attn-4 is installed
     "default_nchw_vae": ["train.nhwc_vae=false"],   # the VAE NCHW with torch's GroupNorm (the full step's encode)
     "default_vae_heuristic": ["train.vae_conv_search=false"],  # cuDNN's heuristic algorithms inside the VAE
-    "default_vae_search": ["train.vae_conv_search=true"],      # cuDNN's timed search inside the VAE
     "eager_vae_heuristic": ["train.cuda_graph=false", "train.vae_conv_search=false"],  # the same, launched eagerly
     "eager_vae_search": ["train.cuda_graph=false", "train.vae_conv_search=true"],
 }
